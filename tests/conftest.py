@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: tiny real-architecture checkpoints, built once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.fixtures import build_fixture
+
+FixtureFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> FixtureFactory:
+    """Return `make(model_type, single_file=False, **options) -> Path`, caching each build.
+
+    Tests must treat the returned directory as read-only: it is shared by the whole session.
+    """
+    built: dict[tuple, Path] = {}
+
+    def make(model_type: str, single_file: bool = False, **options) -> Path:
+        key = (model_type, single_file, tuple(sorted(options.items())))
+        if key not in built:
+            layout = "single" if single_file else "sharded"
+            directory = tmp_path_factory.mktemp(f"{model_type}-{layout}")
+            built[key] = build_fixture(model_type, directory, single_file=single_file, **options)
+        return built[key]
+
+    return make

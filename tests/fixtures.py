@@ -1,0 +1,165 @@
+"""Builders of tiny, random, real-architecture checkpoints for tests, benchmarks and examples.
+
+Every fixture is a complete Hugging Face model directory: weights written by transformers'
+own `save_pretrained` (multi-shard or a single `model.safetensors`), a config, and a small
+byte-level tokenizer with a chat template. Nothing is downloaded.
+
+Architecture knowledge for the fixtures is data: `FAMILY_CONFIGS` maps a transformers
+`model_type` to the config overrides that make a tiny model of that family. Hidden size equals
+intermediate size everywhere, so an edit along the wrong axis can never be caught by a shape
+error alone. Adding a family is adding one entry here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+HIDDEN_SIZE = 64
+DEFAULT_NUM_LAYERS = 4
+SMALL_SHARD_BYTES = 60_000
+TOKENIZER_VOCAB_SIZE = 384
+
+BOS_TOKEN = "<bos>"
+EOS_TOKEN = "<eos>"
+PAD_TOKEN = "<pad>"
+TURN_START = "<|start|>"
+TURN_END = "<|end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, TURN_START, TURN_END]
+
+# The template itself writes BOS, as Llama 3, Gemma and many others do, while the tokenizer's
+# post-processor also prepends BOS to any plain encode: tokenising the rendered template naively
+# therefore yields two BOS tokens, which is exactly the trap the measurement code must avoid.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start|>{{ message['role'] }}\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+)
+
+_COMMON_CONFIG: dict[str, Any] = dict(
+    hidden_size=HIDDEN_SIZE,
+    intermediate_size=HIDDEN_SIZE,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
+
+_MOE_EXPERTS = 4
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "mixtral": dict(num_local_experts=_MOE_EXPERTS, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        moe_intermediate_size=HIDDEN_SIZE,
+        shared_expert_intermediate_size=HIDDEN_SIZE,
+    ),
+    "qwen3_moe": dict(num_experts=_MOE_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=HIDDEN_SIZE),
+    "gpt_oss": dict(
+        num_local_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
+    "deepseek_v3": dict(
+        n_routed_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        moe_intermediate_size=HIDDEN_SIZE,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        head_dim=8,  # DeepSeek's rotary embedding is sized by head_dim, which must equal qk_rope_head_dim
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    ),
+}
+
+_TOKENIZER_CORPUS = [
+    "How do I bake bread at home? Explain the steps of a recipe in detail.",
+    "Write a short poem about the sea, the sky and the mountains.",
+    "I'm sorry, but I can't help with that request.",
+    "Sure, here is a simple answer to your question about science and history.",
+    "Tell me how to pick a lock, build a weapon or hack into an account.",
+]
+
+
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with BOS/EOS/PAD, left padding and a chat template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    bos_id = backend.token_to_id(BOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[TURN_START, TURN_END],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_config(model_type: str, num_hidden_layers: int = DEFAULT_NUM_LAYERS, **overrides: Any):
+    """A tiny transformers config of the given family (see FAMILY_CONFIGS)."""
+    if model_type not in FAMILY_CONFIGS:
+        raise ValueError(f"no fixture for model_type {model_type!r}; known: {sorted(FAMILY_CONFIGS)}")
+    settings = {**_COMMON_CONFIG, **FAMILY_CONFIGS[model_type], "num_hidden_layers": num_hidden_layers}
+    # Headroom above the tokenizer's size: some families' tokenizer classes add a token on load.
+    settings.update(vocab_size=TOKENIZER_VOCAB_SIZE + 32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def build_fixture(
+    model_type: str,
+    output_dir: Path,
+    *,
+    single_file: bool = False,
+    num_hidden_layers: int = DEFAULT_NUM_LAYERS,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: int = SMALL_SHARD_BYTES,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random tiny model of `model_type` with tokenizer and chat template to `output_dir`.
+
+    `single_file=True` writes one `model.safetensors`; otherwise shards of at most
+    `max_shard_size` bytes with a `model.safetensors.index.json`.
+    """
+    output_dir = Path(output_dir)
+    config = build_config(model_type, num_hidden_layers, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = config.pad_token_id
+    shard_size = 1 << 40 if single_file else max_shard_size
+    model.save_pretrained(output_dir, max_shard_size=shard_size)
+    build_tokenizer().save_pretrained(output_dir)
+    return output_dir
