@@ -1,0 +1,56 @@
+"""Write outputs under a temporary sibling name and rename them into place only when complete."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lib.errors import UserError
+
+
+def check_writable_destination(path: Path, flag: str) -> None:
+    """Fail early, before any expensive work, when `path` cannot be created."""
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, expected a file path")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on failure delete it.
+
+    The rename is atomic on one filesystem, so a reader never sees a half-written file and a
+    crash never leaves anything under the final name.
+    """
+    path = Path(path)
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Like `atomic_file` for a directory: build it under a temporary sibling, rename when complete.
+
+    The caller must have checked that `path` does not exist (or removed it deliberately).
+    """
+    path = Path(path)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)

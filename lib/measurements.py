@@ -1,0 +1,158 @@
+"""The measurement file (SPEC §2): per-layer means, refusal directions, variances and metadata.
+
+One flat dict saved with `torch.save`, always read with `torch.load(weights_only=True)`.
+Files written by llm-abliteration style tools (keys `layers`, `harmful_L`, `harmless_L`,
+`refuse_L`, `refusenorm_L`, no variances, no meta) are accepted as input too.
+
+Index convention: L is the residual stream entering decoder layer L (the same as transformers'
+`hidden_states[L]`); L = 0 is the embedding output and L = N the last decoder layer's output
+before the final norm.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib.atomic import atomic_file
+from lib.errors import UserError
+
+
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """What was measured on the residual stream entering one layer."""
+
+    harmful_mean: torch.Tensor | None
+    harmless_mean: torch.Tensor | None
+    refusal: torch.Tensor  # raw harmful_mean - harmless_mean
+    direction: torch.Tensor  # unit vector (orthogonalised against harmless_mean if measured --projected)
+    harmful_variance: torch.Tensor | None = None
+    harmless_variance: torch.Tensor | None = None
+
+
+@dataclass
+class Measurements:
+    num_layers: int
+    layers: dict[int, LayerMeasurement]
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.layers.values())).direction.numel()
+
+    def layer(self, index: int) -> LayerMeasurement:
+        if index not in self.layers:
+            raise UserError(
+                f"{self.source}: has no measurement for layer {index}; "
+                f"available: {min(self.layers)}..{max(self.layers)}"
+            )
+        return self.layers[index]
+
+    def direction(self, index: int) -> torch.Tensor:
+        """The unit refusal direction of layer `index`, float32."""
+        return self.layer(index).direction
+
+
+def measurement_dict(measurements: Measurements) -> dict[str, Any]:
+    """The flat, llm-abliteration compatible dict of SPEC §2."""
+    flat: dict[str, Any] = {"layers": measurements.num_layers}
+    for index, layer in sorted(measurements.layers.items()):
+        named = {
+            "harmful": layer.harmful_mean,
+            "harmless": layer.harmless_mean,
+            "refuse": layer.refusal,
+            "refusenorm": layer.direction,
+            "harmful_var": layer.harmful_variance,
+            "harmless_var": layer.harmless_variance,
+        }
+        for prefix, tensor in named.items():
+            if tensor is not None:
+                flat[f"{prefix}_{index}"] = tensor.detach().to(torch.float32).cpu().contiguous()
+    flat["meta"] = dict(measurements.meta)
+    return flat
+
+
+def save_measurements(measurements: Measurements, path: Path) -> None:
+    """Write atomically: the file appears under `path` only when complete."""
+    with atomic_file(Path(path)) as temporary:
+        torch.save(measurement_dict(measurements), temporary)
+
+
+def load_measurements(path: Path) -> Measurements:
+    """Read and validate a measurement file; every problem is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: measurement file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{path}: not a measurement file (expected a torch.save'd dict of plain tensors: {first_line})"
+        ) from None
+    return parse_measurements(raw, path)
+
+
+def parse_measurements(raw: Any, path: Path) -> Measurements:
+    if not isinstance(raw, dict) or "layers" not in raw:
+        raise UserError(f"{path}: not a measurement file (expected a dict with a 'layers' key)")
+    num_layers = raw["layers"]
+    if isinstance(num_layers, torch.Tensor) and num_layers.numel() == 1:
+        num_layers = int(num_layers.item())
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise UserError(f"{path}: key 'layers' must be a positive integer, got {num_layers!r}")
+    layer_indices = sorted(
+        {int(key.rsplit("_", 1)[1]) for key in raw if key.startswith(("refuse_", "refusenorm_", "harmful_"))
+         and key.rsplit("_", 1)[1].isdigit()}
+    )
+    if not layer_indices:
+        raise UserError(f"{path}: contains no per-layer vectors (keys like 'refuse_0')")
+    layers = {index: _parse_layer(raw, index, path) for index in layer_indices}
+    sizes = {layer.direction.numel() for layer in layers.values()}
+    if len(sizes) != 1:
+        raise UserError(f"{path}: per-layer vectors have different sizes {sorted(sizes)}")
+    meta = raw.get("meta", {})
+    return Measurements(num_layers=num_layers, layers=layers, meta=meta if isinstance(meta, dict) else {}, source=path)
+
+
+def _vector(raw: dict[str, Any], key: str, path: Path, required: bool) -> torch.Tensor | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"{path}: missing key '{key}'")
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise UserError(f"{path}: key '{key}' must be a tensor, got {type(value).__name__}")
+    vector = value.detach().to(torch.float32).flatten()
+    if not torch.isfinite(vector).all():
+        raise UserError(f"{path}: key '{key}' contains NaN or infinite values")
+    return vector
+
+
+def _parse_layer(raw: dict[str, Any], index: int, path: Path) -> LayerMeasurement:
+    harmful = _vector(raw, f"harmful_{index}", path, required=False)
+    harmless = _vector(raw, f"harmless_{index}", path, required=False)
+    refusal = _vector(raw, f"refuse_{index}", path, required=False)
+    if refusal is None:
+        if harmful is None or harmless is None:
+            raise UserError(f"{path}: layer {index} needs 'refuse_{index}' or both harmful/harmless means")
+        refusal = harmful - harmless
+    direction = _vector(raw, f"refusenorm_{index}", path, required=False)
+    if direction is None:
+        direction = refusal
+    norm = float(direction.double().norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        raise UserError(f"{path}: refusal direction of layer {index} is zero")
+    return LayerMeasurement(
+        harmful_mean=harmful,
+        harmless_mean=harmless,
+        refusal=refusal,
+        direction=(direction.double() / norm).to(torch.float32),
+        harmful_variance=_vector(raw, f"harmful_var_{index}", path, required=False),
+        harmless_variance=_vector(raw, f"harmless_var_{index}", path, required=False),
+    )
