@@ -90,6 +90,26 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Multimodal wrappers: the text model sits under a `language_model` prefix beside a vision tower.
+# Each entry names the text family it wraps and the wrapper's own (tiny) settings.
+MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3": (
+        "gemma3_text",
+        dict(
+            vision_config=dict(
+                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=5,
+            boi_token_index=6,
+            eoi_token_index=7,
+        ),
+    ),
+}
+
+ALL_FAMILIES = sorted([*FAMILY_CONFIGS, *MULTIMODAL_FAMILIES])
+
 _TOKENIZER_CORPUS = [
     "How do I bake bread at home? Explain the steps of a recipe in detail.",
     "Write a short poem about the sea, the sky and the mountains.",
@@ -128,9 +148,15 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> PreTrainedTokeniz
 
 
 def build_config(model_type: str, num_hidden_layers: int = DEFAULT_NUM_LAYERS, **overrides: Any):
-    """A tiny transformers config of the given family (see FAMILY_CONFIGS)."""
+    """A tiny transformers config of the given family (see FAMILY_CONFIGS, MULTIMODAL_FAMILIES)."""
+    if model_type in MULTIMODAL_FAMILIES:
+        text_family, wrapper_settings = MULTIMODAL_FAMILIES[model_type]
+        text_config = build_config(text_family, num_hidden_layers, **overrides).to_dict()
+        for key in ("architectures", "model_type", "transformers_version", "dtype"):
+            text_config.pop(key, None)
+        return AutoConfig.for_model(model_type, text_config=text_config, **wrapper_settings)
     if model_type not in FAMILY_CONFIGS:
-        raise ValueError(f"no fixture for model_type {model_type!r}; known: {sorted(FAMILY_CONFIGS)}")
+        raise ValueError(f"no fixture for model_type {model_type!r}; known: {ALL_FAMILIES}")
     settings = {**_COMMON_CONFIG, **FAMILY_CONFIGS[model_type], "num_hidden_layers": num_hidden_layers}
     # Headroom above the tokenizer's size: some families' tokenizer classes add a token on load.
     settings.update(vocab_size=TOKENIZER_VOCAB_SIZE + 32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -158,7 +184,7 @@ def build_fixture(
     config = build_config(model_type, num_hidden_layers, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.pad_token_id = build_tokenizer().pad_token_id
     shard_size = 1 << 40 if single_file else max_shard_size
     model.save_pretrained(output_dir, max_shard_size=shard_size)
     build_tokenizer().save_pretrained(output_dir)

@@ -1,0 +1,81 @@
+"""The shared foundation: fixtures load in transformers, measurement files round-trip and fail clearly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lib.errors import UserError
+from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from tests.fixtures import ALL_FAMILIES
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_fixture_is_a_loadable_multi_shard_checkpoint(tiny_model, model_type: str) -> None:
+    directory = tiny_model(model_type)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    assert input_ids[0].tolist().count(tokenizer.bos_token_id) == 1
+    hidden_states = model(input_ids, output_hidden_states=True).hidden_states
+    assert len(hidden_states) == model.config.get_text_config().num_hidden_layers + 1
+
+
+def test_single_file_fixture(tiny_model) -> None:
+    directory = tiny_model("llama", single_file=True)
+    assert (directory / "model.safetensors").is_file()
+    assert not (directory / "model.safetensors.index.json").exists()
+
+
+def _measurements(hidden: int = 8) -> Measurements:
+    generator = torch.Generator().manual_seed(0)
+    layers = {}
+    for index in range(3):
+        harmful, harmless = torch.randn(hidden, generator=generator), torch.randn(hidden, generator=generator)
+        refusal = harmful - harmless
+        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / refusal.norm())
+    return Measurements(num_layers=2, layers=layers, meta={"model": "x"})
+
+
+def test_measurement_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    save_measurements(_measurements(), path)
+    loaded = load_measurements(path)
+    assert loaded.num_layers == 2 and sorted(loaded.layers) == [0, 1, 2]
+    assert torch.allclose(loaded.direction(1).norm(), torch.tensor(1.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_llm_abliteration_style_file_without_refusenorm(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"layers": 1, "harmful_0": torch.ones(4), "harmless_0": torch.zeros(4), "refuse_0": torch.ones(4)}, path)
+    assert torch.allclose(load_measurements(path).direction(0), torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"layers": 1, "refuse_0": torch.tensor([float("nan"), 1.0])}, "NaN"),
+        ({"layers": 1, "refuse_0": torch.zeros(3)}, "zero"),
+        ({"refuse_0": torch.ones(3)}, "'layers'"),
+        ({"layers": 1}, "no per-layer"),
+    ],
+)
+def test_bad_measurement_files_name_the_problem(tmp_path: Path, content: dict, message: str) -> None:
+    path = tmp_path / "bad.pt"
+    torch.save(content, path)
+    with pytest.raises(UserError, match=message):
+        load_measurements(path)
+
+
+def test_pickle_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"layers": 1, "refuse_0": torch.ones(2), "payload": Path("/")}, path)
+    with pytest.raises(UserError, match="not a measurement file"):
+        load_measurements(path)
