@@ -11,6 +11,8 @@ error alone. Adding a family is adding one entry here.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,22 @@ def build_fixture(
     model.save_pretrained(output_dir, max_shard_size=shard_size)
     build_tokenizer().save_pretrained(output_dir)
     return output_dir
+
+
+def install_in_hub_cache(model_directory: Path, cache_directory: Path, repo_id: str, revision: str = "a" * 40) -> Path:
+    """Lay `model_directory` out as the hub cache does (blobs + snapshot symlinks + refs/main).
+
+    Point HF_HUB_CACHE at `cache_directory` to make `repo_id` resolvable offline. Returns the snapshot.
+    """
+    repository = Path(cache_directory) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repository / "snapshots" / revision
+    blobs = repository / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(revision)
+    for source in Path(model_directory).iterdir():
+        blob = blobs / f"{source.name}.blob"
+        shutil.copyfile(source, blob)
+        (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot

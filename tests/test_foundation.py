@@ -79,3 +79,17 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
     torch.save({"layers": 1, "refuse_0": torch.ones(2), "payload": Path("/")}, path)
     with pytest.raises(UserError, match="not a measurement file"):
         load_measurements(path)
+
+
+def test_model_resolves_from_local_directory_and_hub_cache(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from lib.model_files import resolve_model_directory, weight_files
+    from tests.fixtures import install_in_hub_cache
+
+    source = tiny_model("llama")
+    snapshot = install_in_hub_cache(source, tmp_path / "cache", "acme/tiny-llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert resolve_model_directory("acme/tiny-llama") == snapshot
+    assert len(weight_files(snapshot)) == len(weight_files(source)) > 1
+    for bad in ["acme/not-cached", str(tmp_path / "missing"), str(source / "config.json")]:
+        with pytest.raises(UserError, match="--model"):
+            resolve_model_directory(bad)

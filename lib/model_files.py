@@ -1,0 +1,62 @@
+"""Find a model's files on disk: a local directory, or a hub id already in the local cache.
+
+Nothing here touches the network: a hub id that is not cached is an error, not a download.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from lib.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+
+
+def resolve_model_directory(name_or_path: str | Path, flag: str = "--model") -> Path:
+    """Return the directory holding `config.json` for a local path or a cached hub id."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            raise UserError(f"{flag} {name_or_path}: directory has no config.json (not a Hugging Face model)")
+        return candidate
+    if candidate.exists():
+        raise UserError(f"{flag} {name_or_path}: is a file, expected a model directory or a cached hub id")
+    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"{flag} {name_or_path}: model directory not found")
+    try:
+        snapshot = Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise UserError(
+            f"{flag} {name_or_path}: neither a local directory nor a hub id in the local cache "
+            "(download it first, e.g. `hf download ORG/NAME`, or pass a directory)"
+        ) from None
+    if not (snapshot / "config.json").is_file():
+        raise UserError(f"{flag} {name_or_path}: cached snapshot {snapshot} has no config.json")
+    return snapshot
+
+
+def read_config(model_directory: Path) -> dict[str, Any]:
+    return json.loads((model_directory / "config.json").read_text())
+
+
+def weight_files(model_directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, sharded (index) or single-file, in index order."""
+    index_path = model_directory / INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        return [model_directory / name for name in dict.fromkeys(weight_map.values())]
+    single = model_directory / SINGLE_FILE_NAME
+    if single.is_file():
+        return [single]
+    raise UserError(f"{model_directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")
+
+
+def checkpoint_bytes(model_directory: Path) -> int:
+    """Bytes of weights on disk (following hub-cache symlinks)."""
+    return sum(path.stat().st_size for path in weight_files(model_directory))
