@@ -5,6 +5,7 @@ Nothing here touches the network: a hub id that is not cached is an error, not a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def resolve_model_directory(name_or_path: str | Path, flag: str = "--model") -> 
     if not looks_like_hub_id:
         raise UserError(f"{flag} {name_or_path}: model directory not found")
     try:
-        snapshot = Path(snapshot_download(str(name_or_path), local_files_only=True))
+        # HF_HUB_CACHE is read at call time (huggingface_hub reads it once at import).
+        cache_directory = os.environ.get("HF_HUB_CACHE") or None
+        snapshot = Path(snapshot_download(str(name_or_path), local_files_only=True, cache_dir=cache_directory))
     except (LocalEntryNotFoundError, HFValidationError, OSError):
         raise UserError(
             f"{flag} {name_or_path}: neither a local directory nor a hub id in the local cache "
