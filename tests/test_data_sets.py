@@ -1,0 +1,88 @@
+"""The prompt sets in data/: large enough, clean, and with held-out eval sets that share nothing with
+the measurement sets, so that a refusal rate measured on the eval sets is not a memorisation score."""
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from collections import Counter
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
+
+MEASUREMENT_FILES = ("harmful.txt", "harmless.txt")
+EVALUATION_FILES = ("eval_harmful.txt", "eval_harmless.txt")
+MINIMUM_PROMPTS = {"harmful.txt": 256, "harmless.txt": 256, "eval_harmful.txt": 100, "eval_harmless.txt": 100}
+MINIMUM_WORDS, MAXIMUM_WORDS = 5, 40
+
+# Word-level similarity above which an eval prompt counts as a reworded copy of a measurement prompt:
+# changing one word of an 8-word prompt scores 0.875, while distinct requests that merely share a
+# question template ("What is the difference between ...") stay at or below 0.8.
+NEAR_COPY_RATIO = 0.85
+
+
+@cache
+def read_prompts(file_name: str) -> tuple[str, ...]:
+    # Strict UTF-8 decoding: a stray byte would otherwise reach the tokenizer as a replacement character.
+    return tuple((DATA_DIRECTORY / file_name).read_bytes().decode("utf-8").splitlines())
+
+
+def normalise(prompt: str) -> str:
+    """Lowercase, drop punctuation and collapse whitespace, so trivial variants compare equal."""
+    without_punctuation = re.sub(r"[^\w\s]", "", prompt.lower())
+    return " ".join(without_punctuation.split())
+
+
+def normalised_set(file_name: str) -> set[str]:
+    return {normalise(prompt) for prompt in read_prompts(file_name)}
+
+
+@pytest.mark.parametrize("file_name", list(MINIMUM_PROMPTS))
+def test_file_holds_enough_prompts(file_name: str) -> None:
+    assert len(read_prompts(file_name)) >= MINIMUM_PROMPTS[file_name]
+
+
+@pytest.mark.parametrize("file_name", list(MINIMUM_PROMPTS))
+def test_every_line_is_one_trimmed_prompt_of_reasonable_length(file_name: str) -> None:
+    for line_number, prompt in enumerate(read_prompts(file_name), start=1):
+        location = f"{file_name}:{line_number}"
+        assert prompt.strip(), f"{location} is empty"
+        assert prompt == prompt.strip(), f"{location} has leading or trailing whitespace"
+        word_count = len(prompt.split())
+        assert MINIMUM_WORDS <= word_count <= MAXIMUM_WORDS, f"{location} has {word_count} words"
+
+
+@pytest.mark.parametrize("file_name", list(MINIMUM_PROMPTS))
+def test_no_duplicates_within_a_file(file_name: str) -> None:
+    counts = Counter(normalise(prompt) for prompt in read_prompts(file_name))
+    duplicates = sorted(prompt for prompt, count in counts.items() if count > 1)
+    assert not duplicates, f"{file_name} repeats: {duplicates}"
+
+
+# Every pair of files must be disjoint: measurement vs eval keeps the eval held out, harmful vs harmless
+# keeps the labels unambiguous, and the remaining pairs are one or the other.
+@pytest.mark.parametrize("first_file, second_file", list(itertools.combinations(MINIMUM_PROMPTS, 2)))
+def test_files_share_no_prompt(first_file: str, second_file: str) -> None:
+    shared = sorted(normalised_set(first_file) & normalised_set(second_file))
+    assert not shared, f"{first_file} and {second_file} share: {shared}"
+
+
+def word_similarity(first_words: list[str], second_words: list[str]) -> float:
+    matcher = difflib.SequenceMatcher(None, first_words, second_words, autojunk=False)
+    # quick_ratio is a cheap upper bound of ratio; it skips the full comparison for most pairs.
+    return matcher.ratio() if matcher.quick_ratio() > NEAR_COPY_RATIO else 0.0
+
+
+@pytest.mark.parametrize("evaluation_file", EVALUATION_FILES)
+def test_no_eval_prompt_is_a_reworded_measurement_prompt(evaluation_file: str) -> None:
+    measurement_words = [normalise(prompt).split() for name in MEASUREMENT_FILES for prompt in read_prompts(name)]
+    near_copies = [
+        (evaluation_prompt, " ".join(words))
+        for evaluation_prompt in read_prompts(evaluation_file)
+        for words in measurement_words
+        if word_similarity(normalise(evaluation_prompt).split(), words) > NEAR_COPY_RATIO
+    ]
+    assert not near_copies, f"{evaluation_file} has near-copies of measurement prompts: {near_copies}"
