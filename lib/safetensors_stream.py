@@ -1,0 +1,213 @@
+"""Safetensors files read and written one tensor at a time.
+
+The format: an 8-byte little-endian header length, a JSON header mapping each tensor name to its
+dtype, shape and `data_offsets` (relative to the end of the header) plus an optional string-only
+`__metadata__`, then the raw little-endian tensor bytes, contiguous and without holes. The header
+is padded with spaces to a multiple of 8 bytes, as the reference implementation does, so that
+every tensor stays aligned when the largest element types come first.
+
+Reading parses the header only; a tensor's bytes are read on demand (`read_tensor`) or copied
+file-to-file in the kernel (`ShardSink.copy_range`), so untouched tensors never pass through
+Python and come out bit-identical. Writing emits the header first and then each tensor's bytes in
+turn, so no shard is ever held in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import safe_open
+
+from lib.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ELEMENT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "U16": 2,
+                 "U32": 4, "U64": 8, "C64": 8}
+FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+_HEADER_LENGTH_BYTES = 8
+_HEADER_ALIGNMENT = 8
+_MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+_COPY_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as it lies in a safetensors file: absolute byte range [begin, end)."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    metadata: dict[str, str] | None
+    tensors: tuple[StoredTensor, ...]  # in file order
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse a safetensors header; a malformed file is a UserError naming it."""
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_length = handle.read(_HEADER_LENGTH_BYTES)
+        if len(raw_length) < _HEADER_LENGTH_BYTES:
+            raise UserError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_length,) = struct.unpack("<Q", raw_length)
+        if header_length > min(_MAX_HEADER_BYTES, file_size - _HEADER_LENGTH_BYTES):
+            raise UserError(f"{path}: not a safetensors file (header length {header_length} is impossible)")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: not a safetensors file (header is not JSON)") from None
+    data_start = _HEADER_LENGTH_BYTES + header_length
+    metadata = header.pop("__metadata__", None)
+    tensors = []
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in ELEMENT_SIZES or data_start + end > file_size or begin > end:
+            raise UserError(f"{path}: tensor {name} has an unsupported dtype or lies outside the file")
+        tensors.append(StoredTensor(name, path, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end))
+    tensors.sort(key=lambda tensor: tensor.begin)
+    return ShardHeader(path, metadata, tuple(tensors))
+
+
+def read_tensor(stored: StoredTensor) -> torch.Tensor:
+    """Load one tensor (a private copy, never a view of a memory map)."""
+    with safe_open(stored.path, framework="pt") as handle:
+        return handle.get_tensor(stored.name)
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | None) -> bytes:
+    """The length prefix and the space-padded JSON header for tensors laid out in `entries` order."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % _HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+class ShardSink:
+    """The data section of a shard being written: raw byte ranges and tensors, in header order."""
+
+    def __init__(self, descriptor: int, on_bytes: Callable[[int], None]) -> None:
+        self._descriptor = descriptor
+        self._on_bytes = on_bytes
+        self.bytes_written = 0
+        self._kernel_copy_works = True
+
+    def write_bytes(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self._descriptor, view[:_COPY_CHUNK_BYTES])
+            view = view[written:]
+            self._account(written)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        """The raw little-endian bytes of a CPU tensor."""
+        self.write_bytes(tensor.detach().contiguous().view(torch.uint8).flatten().numpy())
+
+    def copy_range(self, source: Path, begin: int, length: int) -> None:
+        """Copy bytes [begin, begin + length) of `source`, inside the kernel when the filesystems allow."""
+        with open(source, "rb") as handle:
+            source_descriptor = handle.fileno()
+            position, end = begin, begin + length
+            while position < end:
+                count = min(_COPY_CHUNK_BYTES, end - position)
+                copied = self._kernel_copy(source_descriptor, count, position)
+                if copied:
+                    self._account(copied)
+                else:
+                    data = os.pread(source_descriptor, count, position)
+                    if not data:
+                        raise RuntimeError(f"{source}: ends before byte {end}")
+                    self.write_bytes(data)
+                    copied = len(data)
+                position += copied
+
+    def _kernel_copy(self, source_descriptor: int, count: int, position: int) -> int:
+        if not self._kernel_copy_works:
+            return 0
+        try:
+            return os.copy_file_range(source_descriptor, self._descriptor, count, position)
+        except OSError:  # e.g. across filesystems on older kernels: copy through user space instead
+            self._kernel_copy_works = False
+            return 0
+
+    def _account(self, count: int) -> None:
+        self.bytes_written += count
+        self._on_bytes(count)
+
+
+def write_shard(
+    path: Path,
+    entries: Sequence[HeaderEntry],
+    metadata: dict[str, str] | None,
+    fill: Callable[[ShardSink], None],
+    on_bytes: Callable[[int], None] = lambda count: None,
+) -> None:
+    """Write the header for `entries`, then let `fill` write each tensor's bytes in that order."""
+    header = encode_header(entries, metadata)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        ShardSink(descriptor, on_bytes).write_bytes(header)
+        sink = ShardSink(descriptor, on_bytes)
+        fill(sink)
+        expected = sum(entry.nbytes for entry in entries)
+        if sink.bytes_written != expected:
+            raise RuntimeError(f"{path}: wrote {sink.bytes_written} data bytes, header announces {expected}")
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def copy_file(source: Path, destination: Path, on_bytes: Callable[[int], None] = lambda count: None) -> None:
+    """Copy a whole file (following symlinks, as in the hub cache) without reading it into memory."""
+    descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        ShardSink(descriptor, on_bytes).copy_range(Path(source), 0, Path(source).stat().st_size)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
