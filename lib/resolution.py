@@ -116,15 +116,9 @@ def _direction(
     problems: list[str],
 ) -> tuple[torch.Tensor, str] | None:
     """The entry's prepared unit direction (measured, projected, sparsified) and how it was made."""
-    measured_path = f"{entry.path}.measurement"
+    label = _measurement_label(spec)
     try:
-        direction, label = _measured_direction(spec, measurements)
-    except KeyError as missing:
-        available = sorted(measurements.layers)
-        problems.append(f"{measured_path}: the measurement file has no layer {missing.args[0]} "
-                        f"(it has {available[0]}..{available[-1]})")
-        return None
-    try:
+        direction = _measured_direction(spec, measurements)
         if entry.options.projected:
             harmless = measurements.layers.get(harmless_layer)
             if harmless is None or harmless.harmless_mean is None:
@@ -136,25 +130,41 @@ def _direction(
         if entry.options.sparsity < 1.0:
             direction = sparsified(direction, entry.options.sparsity)
             label += f", sparsity {entry.options.sparsity:g}"
+    except _MissingMeasurement as missing:
+        available = sorted(measurements.layers)
+        problems.append(f"{entry.path}.measurement: the measurement file has no layer {missing.layer} "
+                        f"(it has {available[0]}..{available[-1]})")
+        return None
     except DegenerateDirectionError as error:
         problems.append(f"{entry.path}: {error} after preparing it from {label}; choose another measurement")
         return None
     return direction, label
 
 
-def _measured_direction(spec: MeasurementSpec, measurements: Measurements) -> tuple[torch.Tensor, str]:
+class _MissingMeasurement(Exception):
+    def __init__(self, layer: int) -> None:
+        super().__init__(layer)
+        self.layer = layer
+
+
+def _measurement_label(spec: MeasurementSpec) -> str:
+    if isinstance(spec, tuple):
+        return "mean of " + " and ".join(_measurement_label(item) for item in spec)
+    return f"measurement {spec:g}"
+
+
+def _measured_direction(spec: MeasurementSpec, measurements: Measurements) -> torch.Tensor:
     def measured(layer: int) -> torch.Tensor:
         if layer not in measurements.layers:
-            raise KeyError(layer)
+            raise _MissingMeasurement(layer)
         return measurements.layers[layer].direction
 
     if isinstance(spec, tuple):
-        parts = [_measured_direction(item, measurements) for item in spec]
-        return mean_direction([direction for direction, _ in parts]), "mean of " + " and ".join(label for _, label in parts)
+        return mean_direction([_measured_direction(item, measurements) for item in spec])
     if isinstance(spec, float):
         lower = math.floor(spec)
-        return interpolated(measured(lower), measured(lower + 1), spec - lower), f"measurement {spec:g}"
-    return unit(measured(spec)), f"measurement {spec}"
+        return interpolated(measured(lower), measured(lower + 1), spec - lower)
+    return unit(measured(spec))
 
 
 def _layer_edits(

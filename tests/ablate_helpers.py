@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -35,12 +35,18 @@ def write_plan(path: Path, plan: dict[str, Any]) -> Path:
     return path
 
 
-def run_ablate(arguments: Sequence[str], capsys: pytest.CaptureFixture | None = None) -> tuple[int, str]:
-    """Run the entry script in-process exactly as the command line does; (exit status, stderr)."""
+class Run(NamedTuple):
+    status: int
+    error: str  # stderr
+    output: str  # stdout
+
+
+def run_ablate(arguments: Sequence[str], capsys: pytest.CaptureFixture | None = None) -> Run:
+    """Run the entry script in-process exactly as the command line does."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli(sharded_ablate.main, list(arguments))
-    error = capsys.readouterr().err if capsys is not None else ""
-    return exit_info.value.code, error
+    captured = capsys.readouterr() if capsys is not None else None
+    return Run(exit_info.value.code, captured.err if captured else "", captured.out if captured else "")
 
 
 def read_all_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -48,8 +48,7 @@ def ablated(tiny_model, tmp_path_factory):
                 "output": str(work / "out"),
                 "ablate": [{"layer": layer, "measurement": measured} for layer, measured in LAYER_MEASUREMENTS.items()],
             })
-            status, _ = run_ablate([str(plan)])
-            assert status == 0
+            assert run_ablate([str(plan)]).status == 0
             results[model_type] = (source, work / "out", measurements)
         return results[model_type]
 

@@ -96,7 +96,7 @@ def test_mxfp4_checkpoint_is_ablated_and_loads_dequantised(mxfp4_model: Path, tm
         "model": str(mxfp4_model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
         "ablate": [{"layer": layer, "measurement": measured} for layer, measured in EDITED_LAYERS.items()],
     })
-    assert run_ablate([str(plan)])[0] == 0
+    assert run_ablate([str(plan)]).status == 0
     output = tmp_path / "out"
     config = json.loads((output / "config.json").read_text())
     assert "quantization_config" not in config
