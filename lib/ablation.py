@@ -22,12 +22,20 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from lib.checkpoint import Checkpoint, LogicalTensor, PackedTensor, Shard, load_tensor
+from lib.checkpoint import Checkpoint, LogicalTensor, Shard, load_tensor
 from lib.model_files import INDEX_NAME
 from lib.plan import Plan
 from lib.projection import project_out
 from lib.resolution import Resolution, TensorEdit
-from lib.safetensors_stream import ELEMENT_SIZES, HeaderEntry, ShardSink, StoredTensor, copy_file, encode_header, write_shard
+from lib.safetensors_stream import (
+    ELEMENT_SIZES,
+    BackgroundWriter,
+    HeaderEntry,
+    QueuedShard,
+    StoredTensor,
+    copy_file,
+    encode_header,
+)
 
 PLAN_FILE_NAME = "ablation_plan.yml"
 MODEL_CARD_NAME = "README.md"
@@ -94,29 +102,30 @@ def plan_output(checkpoint: Checkpoint, resolution: Resolution) -> list[OutputSh
 def write_weights(
     shards: list[OutputShard], directory: Path, link: bool, device: torch.device, on_bytes: Callable[[int], None]
 ) -> None:
-    for shard in shards:
-        target = directory / shard.file_name
-        if shard.is_unchanged and link:
-            os.link(os.path.realpath(shard.input.path), target)
-            on_bytes(shard.nbytes)
-        elif shard.is_unchanged:
-            copy_file(shard.input.path, target, on_bytes)
-        else:
-            write_shard(target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata,
-                        lambda sink, shard=shard: _fill_shard(sink, shard, device), on_bytes)
+    with BackgroundWriter(on_bytes) as writer:
+        for shard in shards:
+            target = directory / shard.file_name
+            if shard.is_unchanged and link:
+                os.link(os.path.realpath(shard.input.path), target)
+                on_bytes(shard.nbytes)
+            elif shard.is_unchanged:
+                writer.submit(copy_file, shard.input.path, target, on_bytes)
+            else:
+                _write_edited_shard(writer, shard, target, device)
 
 
-def _fill_shard(sink: ShardSink, shard: OutputShard, device: torch.device) -> None:
+def _write_edited_shard(writer: BackgroundWriter, shard: OutputShard, target: Path, device: torch.device) -> None:
+    queued = QueuedShard(writer, target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata)
     for tensor in shard.tensors:
         if tensor.is_byte_copy:
-            sink.copy_range(tensor.source.path, tensor.source.begin, tensor.source.nbytes)
+            queued.copy_range(tensor.source.path, tensor.source.begin, tensor.source.nbytes)
             continue
         values = load_tensor(tensor.source)
         if tensor.edit is not None:
             edit = tensor.edit
             project_out(values, edit.direction, edit.scale, edit.residual_axis, edit.norm_preserve, device)
-        sink.write_tensor(values)
-        del values
+        queued.write_tensor(values)
+    queued.close()
 
 
 def write_index(checkpoint: Checkpoint, shards: list[OutputShard], directory: Path) -> None:
@@ -291,6 +300,3 @@ def edit_table(edits: tuple[TensorEdit, ...]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
 
-
-def packed_tensor_count(checkpoint: Checkpoint) -> int:
-    return sum(isinstance(tensor, PackedTensor) for tensor in checkpoint.tensors.values())

@@ -18,7 +18,14 @@ from lib import mxfp4
 from lib.architectures import SUPPORTED_MODEL_TYPES, Family, Layout, family_for
 from lib.errors import UserError
 from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, resolve_model_directory
-from lib.safetensors_stream import DTYPE_NAMES, ELEMENT_SIZES, ShardHeader, StoredTensor, read_header, read_tensor
+from lib.safetensors_stream import (
+    DTYPE_NAMES,
+    ELEMENT_SIZES,
+    ShardHeader,
+    StoredTensor,
+    read_header,
+    read_tensor,
+)
 
 
 @dataclass(frozen=True)

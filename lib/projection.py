@@ -19,7 +19,7 @@ import torch
 
 from lib.architectures import RESIDUAL_FIRST, RESIDUAL_LAST
 
-_BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per block
+_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 per block
 
 
 class DegenerateDirectionError(ValueError):
@@ -124,15 +124,18 @@ def _project_columns(
     blocks = _row_blocks(*matrix.shape)
     coefficients = torch.zeros(matrix.shape[1], dtype=torch.float64, device=device)
     squared_norms = torch.zeros_like(coefficients)
+    single_block = None  # a tensor that fits in one block is converted once, not once per pass
     for block in blocks:
         values = matrix[block].to(device=device, dtype=torch.float32)
         coefficients += (direction[block] @ values).double()
         if norm_preserving:
             squared_norms += values.square().sum(dim=0).double()
+        if len(blocks) == 1:
+            single_block = values
     factors = _norm_restoring_factors(squared_norms, coefficients, scale) if norm_preserving else None
     coefficients = coefficients.float()
     for block in blocks:
-        values = matrix[block].to(device=device, dtype=torch.float32)
+        values = single_block if single_block is not None else matrix[block].to(device=device, dtype=torch.float32)
         values.addr_(direction[block], coefficients, alpha=-scale)
         if factors is not None:
             values.mul_(factors.unsqueeze(0))

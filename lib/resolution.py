@@ -29,8 +29,16 @@ from lib.checkpoint import Checkpoint
 from lib.errors import UserError
 from lib.measurements import Measurements
 from lib.plan import MeasurementSpec, Plan, PlanEntry
+from lib.projection import (
+    DegenerateDirectionError,
+    interpolated,
+    mean_direction,
+    orthogonalized,
+    sparsified,
+    through_gain,
+    unit,
+)
 from lib.safetensors_stream import FLOATING_DTYPES
-from lib.projection import DegenerateDirectionError, interpolated, mean_direction, orthogonalized, sparsified, through_gain, unit
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,16 @@ every tensor stays aligned when the largest element types come first.
 Reading parses the header only; a tensor's bytes are read on demand (`read_tensor`) or copied
 file-to-file in the kernel (`ShardSink.copy_range`), so untouched tensors never pass through
 Python and come out bit-identical. Writing emits the header first and then each tensor's bytes in
-turn, so no shard is ever held in memory.
+turn, so no shard is ever held in memory; the writes run in a background thread (`BackgroundWriter`)
+so that the disk works while the next tensor is being edited.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +52,7 @@ _HEADER_LENGTH_BYTES = 8
 _HEADER_ALIGNMENT = 8
 _MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _COPY_CHUNK_BYTES = 64 << 20
+_MAX_QUEUED_TENSORS = 2
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class ShardSink:
     """The data section of a shard being written: raw byte ranges and tensors, in header order."""
 
     def __init__(self, descriptor: int, on_bytes: Callable[[int], None]) -> None:
-        self._descriptor = descriptor
+        self.descriptor = descriptor
         self._on_bytes = on_bytes
         self.bytes_written = 0
         self._kernel_copy_works = True
@@ -141,7 +145,7 @@ class ShardSink:
     def write_bytes(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         while view:
-            written = os.write(self._descriptor, view[:_COPY_CHUNK_BYTES])
+            written = os.write(self.descriptor, view[:_COPY_CHUNK_BYTES])
             view = view[written:]
             self._account(written)
 
@@ -171,7 +175,7 @@ class ShardSink:
         if not self._kernel_copy_works:
             return 0
         try:
-            return os.copy_file_range(source_descriptor, self._descriptor, count, position)
+            return os.copy_file_range(source_descriptor, self.descriptor, count, position)
         except OSError:  # e.g. across filesystems on older kernels: copy through user space instead
             self._kernel_copy_works = False
             return 0
@@ -181,26 +185,73 @@ class ShardSink:
         self._on_bytes(count)
 
 
-def write_shard(
-    path: Path,
-    entries: Sequence[HeaderEntry],
-    metadata: dict[str, str] | None,
-    fill: Callable[[ShardSink], None],
-    on_bytes: Callable[[int], None] = lambda count: None,
-) -> None:
-    """Write the header for `entries`, then let `fill` write each tensor's bytes in that order."""
-    header = encode_header(entries, metadata)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        ShardSink(descriptor, on_bytes).write_bytes(header)
-        sink = ShardSink(descriptor, on_bytes)
-        fill(sink)
-        expected = sum(entry.nbytes for entry in entries)
-        if sink.bytes_written != expected:
-            raise RuntimeError(f"{path}: wrote {sink.bytes_written} data bytes, header announces {expected}")
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+class BackgroundWriter:
+    """One thread performs every file write in submission order, so disk I/O overlaps the math.
+
+    At most `_MAX_QUEUED_TENSORS` computed tensors wait to be written; beyond that the caller
+    blocks, which bounds memory to a few tensors. A failed write is raised in the caller at its
+    next submission or at the end; on any failure the queue is dropped and open files closed.
+    """
+
+    def __init__(self, on_bytes: Callable[[int], None] = lambda count: None) -> None:
+        self.on_bytes = on_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
+        self._queued_tensors: deque[Future] = deque()
+        self.open_descriptors: set[int] = set()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, error: BaseException | None, traceback: object) -> None:
+        if error_type is None:
+            self._executor.shutdown(wait=True)
+            while self._pending:
+                self._pending.popleft().result()
+            return
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for descriptor in self.open_descriptors:
+            os.close(descriptor)
+
+    def submit(self, function: Callable[..., None], *arguments: object, holds_tensor: bool = False) -> None:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+        future = self._executor.submit(function, *arguments)
+        self._pending.append(future)
+        if holds_tensor:
+            self._queued_tensors.append(future)
+            while len(self._queued_tensors) > _MAX_QUEUED_TENSORS:
+                self._queued_tensors.popleft().result()
+
+
+class QueuedShard:
+    """A shard written through a BackgroundWriter: header first, then each tensor in header order."""
+
+    def __init__(self, writer: BackgroundWriter, path: Path, entries: Sequence[HeaderEntry],
+                 metadata: dict[str, str] | None) -> None:
+        self._writer, self._path = writer, path
+        header = encode_header(entries, metadata)
+        self._expected_bytes = len(header) + sum(entry.nbytes for entry in entries)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        writer.open_descriptors.add(descriptor)
+        self._sink = ShardSink(descriptor, writer.on_bytes)
+        writer.submit(self._sink.write_bytes, header)
+
+    def copy_range(self, source: Path, begin: int, length: int) -> None:
+        self._writer.submit(self._sink.copy_range, source, begin, length)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        self._writer.submit(self._sink.write_tensor, tensor, holds_tensor=True)
+
+    def close(self) -> None:
+        self._writer.submit(self._finish)
+
+    def _finish(self) -> None:
+        if self._sink.bytes_written != self._expected_bytes:
+            raise RuntimeError(f"{self._path}: wrote {self._sink.bytes_written} bytes, the header announces {self._expected_bytes}")
+        os.fsync(self._sink.descriptor)
+        os.close(self._sink.descriptor)
+        self._writer.open_descriptors.discard(self._sink.descriptor)
 
 
 def copy_file(source: Path, destination: Path, on_bytes: Callable[[int], None] = lambda count: None) -> None:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tests.ablate_helpers import component_ratios, read_all_tensors, residual_writes, run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import (
+    component_ratios,
+    read_all_tensors,
+    residual_writes,
+    run_ablate,
+    write_measurements,
+    write_plan,
+)
 from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 # Which measured direction each edited layer uses; layer 0 stays untouched.

@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lib import mxfp4
-from tests.ablate_helpers import component_ratios, read_all_tensors, residual_writes, run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import (
+    component_ratios,
+    read_all_tensors,
+    residual_writes,
+    run_ablate,
+    write_measurements,
+    write_plan,
+)
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])

@@ -26,15 +26,23 @@ def random(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5, -1.0])
-def test_writer_columns_follow_the_formula_across_blocks(scale: float) -> None:
-    # 3000 x 1500 float32 spans more than one 4M-element block, so the two-pass accumulation is exercised.
-    weights, direction = random(HIDDEN * 32, 1500), unit(random(HIDDEN * 32, seed=1))
+def test_writer_columns_follow_the_formula(scale: float) -> None:
+    weights, direction = random(HIDDEN, 80), unit(random(HIDDEN, seed=1))
     edited = weights.float().clone()
     project_out(edited, direction, scale, RESIDUAL_FIRST)
     expected = weights - scale * torch.outer(direction, direction @ weights)
+    assert torch.allclose(edited.double(), expected, atol=1e-5)
+
+
+def test_writer_columns_spanning_several_blocks() -> None:
+    # 6144 x 3000 spans two 16M-element blocks, so the two-pass accumulation is exercised.
+    weights = torch.randn(6144, 3000, generator=torch.Generator().manual_seed(0))
+    direction = unit(random(6144, seed=1))
+    edited = weights.clone()
+    project_out(edited, direction, 1.0, RESIDUAL_FIRST)
+    expected = weights.double() - torch.outer(direction, direction @ weights.double())
     assert torch.allclose(edited.double(), expected, atol=1e-4)
-    if scale == 1.0:
-        assert (direction @ edited.double()).abs().max() < 1e-3
+    assert (direction @ edited.double()).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("shape", [(HIDDEN,), (4, HIDDEN), (3, 50, HIDDEN)])
