@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -34,6 +35,7 @@ from lib.measurements import load_measurements
 from lib.output_guard import check_free_space, check_output_location, output_lock, remove_stale_partials
 from lib.plan import load_plan
 from lib.resolution import resolve
+from lib.safetensors_stream import return_freed_tensors_to_the_system
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,6 +72,7 @@ def compute_device(choice: str) -> torch.device:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    return_freed_tensors_to_the_system()
     device = compute_device(arguments.device)
     plan = load_plan(arguments.plan).with_overrides(arguments.projected, arguments.normpreserve, arguments.invert)
     checkpoint = open_checkpoint(plan.model)
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_output_location(plan.output, checkpoint.directory, arguments.overwrite)
     if arguments.link:
-        check_link_possible(plan, checkpoint.directory)
+        check_link_possible(plan.output, checkpoint.directory)
     copied_files, skipped_files = non_weight_files(checkpoint)
     with output_lock(plan.output):
         check_output_location(plan.output, checkpoint.directory, arguments.overwrite)  # again, now that we hold the lock
@@ -109,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def check_link_possible(plan, input_directory) -> None:
-    output_device = os.stat(plan.output.absolute().parent).st_dev
+def check_link_possible(output: Path, input_directory: Path) -> None:
+    output_device = os.stat(output.absolute().parent).st_dev
     if os.stat(os.path.realpath(input_directory)).st_dev != output_device:
-        raise UserError(f"--link: the output {plan.output} is on another filesystem than the input; "
+        raise UserError(f"--link: the output {output} is on another filesystem than the input; "
                         "hard links are impossible there, drop --link to copy")
 
 

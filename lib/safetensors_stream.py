@@ -6,7 +6,8 @@ dtype, shape and `data_offsets` (relative to the end of the header) plus an opti
 is padded with spaces to a multiple of 8 bytes, as the reference implementation does, so that
 every tensor stays aligned when the largest element types come first.
 
-Reading parses the header only; a tensor's bytes are read on demand (`read_tensor`) or copied
+Reading parses the header only; a tensor's bytes are read on demand (`read_tensor`, checked
+against `safe_open` in the tests) or copied
 file-to-file in the kernel (`ShardSink.copy_range`), so untouched tensors never pass through
 Python and come out bit-identical. Writing emits the header first and then each tensor's bytes in
 turn, so no shard is ever held in memory; the writes run in a background thread (`BackgroundWriter`)
@@ -14,6 +15,7 @@ so that the disk works while the next tensor is being edited.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors import safe_open
 
 from lib.errors import UserError
 
@@ -53,6 +54,8 @@ _HEADER_ALIGNMENT = 8
 _MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _COPY_CHUNK_BYTES = 64 << 20
 _MAX_QUEUED_TENSORS = 2
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+_MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,39 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path, metadata, tuple(tensors))
 
 
+def return_freed_tensors_to_the_system() -> None:
+    """Make glibc give every large freed buffer back to the system at once.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after large buffers are freed, so
+    later tensors of that size come from the heap and stay resident after being freed: a streaming
+    run would keep the memory of several tensors it no longer holds. A fixed threshold prevents that.
+    Elsewhere than glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def read_tensor(stored: StoredTensor) -> torch.Tensor:
-    """Load one tensor (a private copy, never a view of a memory map)."""
-    with safe_open(stored.path, framework="pt") as handle:
-        return handle.get_tensor(stored.name)
+    """Load one tensor into private memory with plain reads.
+
+    Not through a memory map (as `safe_open` does): mapped pages count towards the process's memory
+    on top of the private copy that editing in place makes, doubling the cost of every edited tensor.
+    """
+    if stored.dtype not in DTYPES:
+        raise UserError(f"{stored.path}: tensor {stored.name} has dtype {stored.dtype}, which cannot be loaded here")
+    buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    with open(stored.path, "rb", buffering=0) as handle:
+        handle.seek(stored.begin)
+        while view:
+            count = handle.readinto(view)
+            if not count:
+                raise UserError(f"{stored.path}: ends inside tensor {stored.name} (truncated file?)")
+            view = view[count:]
+    return buffer.view(DTYPES[stored.dtype]).reshape(stored.shape)
 
 
 @dataclass(frozen=True)
@@ -204,14 +236,14 @@ class BackgroundWriter:
         return self
 
     def __exit__(self, error_type: type | None, error: BaseException | None, traceback: object) -> None:
-        if error_type is None:
-            self._executor.shutdown(wait=True)
-            while self._pending:
+        self._executor.shutdown(wait=True, cancel_futures=error_type is not None)
+        try:
+            while error_type is None and self._pending:
                 self._pending.popleft().result()
-            return
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for descriptor in self.open_descriptors:
-            os.close(descriptor)
+        finally:
+            for descriptor in self.open_descriptors:  # left open only by a failure
+                os.close(descriptor)
+            self.open_descriptors.clear()
 
     def submit(self, function: Callable[..., None], *arguments: object, holds_tensor: bool = False) -> None:
         while self._pending and self._pending[0].done():
