@@ -66,8 +66,13 @@ def compute_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(choice)
+    if device.type == "cpu":
+        # The math is memory-bound and blocked to stay in cache, so one thread does it at memory speed;
+        # more OpenMP threads would spin on every small block and starve the background writer thread.
+        torch.set_num_threads(1)
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,10 +31,10 @@ from lib.safetensors_stream import (
     ELEMENT_SIZES,
     BackgroundWriter,
     HeaderEntry,
-    QueuedShard,
     StoredTensor,
-    copy_file,
     encode_header,
+    queue_file_copy,
+    queue_shard,
 )
 
 PLAN_FILE_NAME = "ablation_plan.yml"
@@ -109,13 +109,13 @@ def write_weights(
                 os.link(os.path.realpath(shard.input.path), target)
                 on_bytes(shard.nbytes)
             elif shard.is_unchanged:
-                writer.submit(copy_file, shard.input.path, target, on_bytes)
+                queue_file_copy(writer, shard.input.path, target)
             else:
                 _write_edited_shard(writer, shard, target, device)
 
 
 def _write_edited_shard(writer: BackgroundWriter, shard: OutputShard, target: Path, device: torch.device) -> None:
-    queued = QueuedShard(writer, target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata)
+    queued = queue_shard(writer, target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata)
     for tensor in shard.tensors:
         if tensor.is_byte_copy:
             queued.copy_range(tensor.source.path, tensor.source.begin, tensor.source.nbytes)

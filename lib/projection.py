@@ -19,7 +19,11 @@ import torch
 
 from lib.architectures import RESIDUAL_FIRST, RESIDUAL_LAST
 
-_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 per block
+# Rows are edited a block at a time in a float32 workspace: on the CPU small enough to stay in cache
+# (which makes the two passes over a [hidden, in] matrix cheaper than one pass over all of it),
+# on a GPU large enough to keep the number of transfers and kernel launches low.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_GPU_BLOCK_ELEMENTS = 1 << 24
 
 
 class DegenerateDirectionError(ValueError):
@@ -89,9 +93,22 @@ def project_out(
         raise ValueError(f"unknown residual axis {residual_axis}")
 
 
-def _row_blocks(rows: int, row_length: int) -> list[slice]:
-    block = max(1, _BLOCK_ELEMENTS // max(1, row_length))
+def _row_blocks(rows: int, row_length: int, device: torch.device | str) -> list[slice]:
+    elements = _GPU_BLOCK_ELEMENTS if torch.device(device).type == "cuda" else _CPU_BLOCK_ELEMENTS
+    block = max(1, elements // max(1, row_length))
     return [slice(start, min(start + block, rows)) for start in range(0, rows, block)]
+
+
+def _in_float32(source: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
+    """`source` converted into the reused float32 `workspace` (fresh buffers would be page-faulted in each time)."""
+    values = workspace[: source.numel()].view(source.shape)
+    values.copy_(source)
+    return values
+
+
+def _workspace(blocks: list[slice], row_length: int, device: torch.device | str) -> torch.Tensor:
+    rows = max(block.stop - block.start for block in blocks)
+    return torch.empty(rows * row_length, dtype=torch.float32, device=device)
 
 
 def _norm_restoring_factors(squared_norms: torch.Tensor, coefficients: torch.Tensor, scale: float) -> torch.Tensor:
@@ -107,8 +124,10 @@ def _norm_restoring_factors(squared_norms: torch.Tensor, coefficients: torch.Ten
 def _project_rows(
     rows: torch.Tensor, direction: torch.Tensor, scale: float, norm_preserving: bool, device: torch.device | str
 ) -> None:
-    for block in _row_blocks(*rows.shape):
-        values = rows[block].to(device=device, dtype=torch.float32)
+    blocks = _row_blocks(*rows.shape, device)
+    workspace = _workspace(blocks, rows.shape[1], device)
+    for block in blocks:
+        values = _in_float32(rows[block], workspace)
         coefficients = values @ direction
         squared_norms = values.square().sum(dim=1) if norm_preserving else None
         values.addr_(coefficients, direction, alpha=-scale)
@@ -121,21 +140,19 @@ def _project_columns(
     matrix: torch.Tensor, direction: torch.Tensor, scale: float, norm_preserving: bool, device: torch.device | str
 ) -> None:
     # Columns span every row, so a first pass accumulates each column's dᵀv (and |v|²), a second edits.
-    blocks = _row_blocks(*matrix.shape)
+    blocks = _row_blocks(*matrix.shape, device)
+    workspace = _workspace(blocks, matrix.shape[1], device)
     coefficients = torch.zeros(matrix.shape[1], dtype=torch.float64, device=device)
     squared_norms = torch.zeros_like(coefficients)
-    single_block = None  # a tensor that fits in one block is converted once, not once per pass
     for block in blocks:
-        values = matrix[block].to(device=device, dtype=torch.float32)
+        values = _in_float32(matrix[block], workspace)
         coefficients += (direction[block] @ values).double()
         if norm_preserving:
             squared_norms += values.square().sum(dim=0).double()
-        if len(blocks) == 1:
-            single_block = values
     factors = _norm_restoring_factors(squared_norms, coefficients, scale) if norm_preserving else None
     coefficients = coefficients.float()
     for block in blocks:
-        values = single_block if single_block is not None else matrix[block].to(device=device, dtype=torch.float32)
+        values = _in_float32(matrix[block], workspace)
         values.addr_(direction[block], coefficients, alpha=-scale)
         if factors is not None:
             values.mul_(factors.unsqueeze(0))

@@ -218,28 +218,33 @@ class ShardSink:
 
 
 class BackgroundWriter:
-    """One thread performs every file write in submission order, so disk I/O overlaps the math.
+    """Background threads perform every file write, so disk I/O overlaps the math.
 
-    At most `_MAX_QUEUED_TENSORS` computed tensors wait to be written; beyond that the caller
-    blocks, which bounds memory to a few tensors. A failed write is raised in the caller at its
-    next submission or at the end; on any failure the queue is dropped and open files closed.
+    One writer thread runs the writes in submission order; a second thread makes each finished file
+    durable (fsync) and closes it while the writer goes on with the next one. At most
+    `_MAX_QUEUED_TENSORS` computed tensors wait to be written; beyond that the caller blocks, which
+    bounds memory to a few tensors. A failed write is raised in the caller at its next submission or
+    at the end; on any failure the queue is dropped and open files closed.
     """
 
     def __init__(self, on_bytes: Callable[[int], None] = lambda count: None) -> None:
         self.on_bytes = on_bytes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-syncer")
         self._pending: deque[Future] = deque()
         self._queued_tensors: deque[Future] = deque()
+        self._syncs: deque[Future] = deque()
         self.open_descriptors: set[int] = set()
 
     def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, error_type: type | None, error: BaseException | None, traceback: object) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=error_type is not None)
+        self._writer.shutdown(wait=True, cancel_futures=error_type is not None)
+        self._syncer.shutdown(wait=True)
         try:
-            while error_type is None and self._pending:
-                self._pending.popleft().result()
+            while error_type is None and (self._pending or self._syncs):
+                (self._pending or self._syncs).popleft().result()
         finally:
             for descriptor in self.open_descriptors:  # left open only by a failure
                 os.close(descriptor)
@@ -248,26 +253,34 @@ class BackgroundWriter:
     def submit(self, function: Callable[..., None], *arguments: object, holds_tensor: bool = False) -> None:
         while self._pending and self._pending[0].done():
             self._pending.popleft().result()
-        future = self._executor.submit(function, *arguments)
+        future = self._writer.submit(function, *arguments)
         self._pending.append(future)
         if holds_tensor:
             self._queued_tensors.append(future)
             while len(self._queued_tensors) > _MAX_QUEUED_TENSORS:
                 self._queued_tensors.popleft().result()
 
+    def sync_and_close(self, descriptor: int) -> None:
+        """Called from the writer thread once a file is complete."""
+        def durable() -> None:
+            os.fsync(descriptor)
+            os.close(descriptor)
+            self.open_descriptors.discard(descriptor)
 
-class QueuedShard:
-    """A shard written through a BackgroundWriter: header first, then each tensor in header order."""
+        self._syncs.append(self._syncer.submit(durable))
 
-    def __init__(self, writer: BackgroundWriter, path: Path, entries: Sequence[HeaderEntry],
-                 metadata: dict[str, str] | None) -> None:
-        self._writer, self._path = writer, path
-        header = encode_header(entries, metadata)
-        self._expected_bytes = len(header) + sum(entry.nbytes for entry in entries)
+
+class QueuedFile:
+    """A file written through a BackgroundWriter, in the order of the calls; `close` checks its size."""
+
+    def __init__(self, writer: BackgroundWriter, path: Path, expected_bytes: int) -> None:
+        self._writer, self._path, self._expected_bytes = writer, path, expected_bytes
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         writer.open_descriptors.add(descriptor)
         self._sink = ShardSink(descriptor, writer.on_bytes)
-        writer.submit(self._sink.write_bytes, header)
+
+    def write_bytes(self, data: bytes) -> None:
+        self._writer.submit(self._sink.write_bytes, data)
 
     def copy_range(self, source: Path, begin: int, length: int) -> None:
         self._writer.submit(self._sink.copy_range, source, begin, length)
@@ -281,16 +294,21 @@ class QueuedShard:
     def _finish(self) -> None:
         if self._sink.bytes_written != self._expected_bytes:
             raise RuntimeError(f"{self._path}: wrote {self._sink.bytes_written} bytes, the header announces {self._expected_bytes}")
-        os.fsync(self._sink.descriptor)
-        os.close(self._sink.descriptor)
-        self._writer.open_descriptors.discard(self._sink.descriptor)
+        self._writer.sync_and_close(self._sink.descriptor)
 
 
-def copy_file(source: Path, destination: Path, on_bytes: Callable[[int], None] = lambda count: None) -> None:
+def queue_shard(writer: BackgroundWriter, path: Path, entries: Sequence[HeaderEntry],
+                metadata: dict[str, str] | None) -> QueuedFile:
+    """Start a shard: its header is queued; the caller then queues each tensor in header order and closes it."""
+    header = encode_header(entries, metadata)
+    shard = QueuedFile(writer, path, len(header) + sum(entry.nbytes for entry in entries))
+    shard.write_bytes(header)
+    return shard
+
+
+def queue_file_copy(writer: BackgroundWriter, source: Path, destination: Path) -> None:
     """Copy a whole file (following symlinks, as in the hub cache) without reading it into memory."""
-    descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        ShardSink(descriptor, on_bytes).copy_range(Path(source), 0, Path(source).stat().st_size)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    size = Path(source).stat().st_size
+    copy = QueuedFile(writer, destination, size)
+    copy.copy_range(Path(source), 0, size)
+    copy.close()

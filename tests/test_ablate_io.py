@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lib.errors import UserError
-from lib.safetensors_stream import BackgroundWriter, HeaderEntry, QueuedShard, read_header, read_tensor
+from lib.safetensors_stream import BackgroundWriter, HeaderEntry, queue_shard, read_header, read_tensor
 
 
 def reference_file(path: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def test_writer_output_loads_in_the_reference_and_copies_bytes_exactly(tmp_path:
     entries = [HeaderEntry(name, stored[name].dtype, stored[name].shape, stored[name].nbytes) for name in order]
     counted: list[int] = []
     with BackgroundWriter(counted.append) as writer:
-        shard = QueuedShard(writer, tmp_path / "written.safetensors", entries, {"format": "pt"})
+        shard = queue_shard(writer, tmp_path / "written.safetensors", entries, {"format": "pt"})
         for name in order:
             if name == "bf16":
                 shard.write_tensor(replaced)
@@ -74,7 +74,7 @@ def test_a_short_write_is_an_error_not_a_corrupt_file(tmp_path: Path) -> None:
     entries = [HeaderEntry("a", "F32", (4,), 16)]
     with pytest.raises(RuntimeError, match="header announces"):
         with BackgroundWriter() as writer:
-            shard = QueuedShard(writer, tmp_path / "short.safetensors", entries, None)
+            shard = queue_shard(writer, tmp_path / "short.safetensors", entries, None)
             shard.write_tensor(torch.zeros(2))
             shard.close()
 
