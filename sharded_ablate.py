@@ -67,12 +67,7 @@ def compute_device(choice: str) -> torch.device:
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(choice)
-    if device.type == "cpu":
-        # The math is memory-bound and blocked to stay in cache, so one thread does it at memory speed;
-        # more OpenMP threads would spin on every small block and starve the background writer thread.
-        torch.set_num_threads(1)
-    return device
+    return torch.device(choice)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {checkpoint.directory} ({checkpoint.model_type}, {checkpoint.num_layers} layers, "
           f"{len(shards)} shard{'s' * (len(shards) > 1)})")
     print(f"plan: {plan.source}: {len(resolution.edits)} tensor edits in {edited_shards} of {len(shards)} shards; "
-          "every other tensor is copied bit-identical")
+          "every other tensor is copied bit-identical"
+          + (" (MXFP4 experts are written dequantised, exactly)" if checkpoint.is_packed else ""))
     if arguments.dry_run:
         print(edit_table(resolution.edits))
         return 0

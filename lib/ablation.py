@@ -102,6 +102,20 @@ def plan_output(checkpoint: Checkpoint, resolution: Resolution) -> list[OutputSh
 def write_weights(
     shards: list[OutputShard], directory: Path, link: bool, device: torch.device, on_bytes: Callable[[int], None]
 ) -> None:
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # The math is memory-bound and blocked to stay in cache, so one thread does it at memory speed;
+        # more OpenMP threads would spin on every small block and starve the background writer thread.
+        torch.set_num_threads(1)
+    try:
+        _write_shards(shards, directory, link, device, on_bytes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_shards(
+    shards: list[OutputShard], directory: Path, link: bool, device: torch.device, on_bytes: Callable[[int], None]
+) -> None:
     with BackgroundWriter(on_bytes) as writer:
         for shard in shards:
             target = directory / shard.file_name

@@ -58,10 +58,6 @@ class TensorRule:
     gain: Gain | None = None
     is_expert: bool = False  # a routed expert's tensor: its presence marks the layer as a MoE layer
 
-    @property
-    def layout(self) -> str:
-        return "[hidden, in]" if self.residual_axis == RESIDUAL_FIRST else "[..., hidden]"
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -82,10 +78,6 @@ class Family:
     text_config_key: str | None = None  # multimodal wrappers: the key of the text model's config
     # GPT-OSS original checkpoints store these fused expert tensors as MXFP4 `*_blocks`/`*_scales`.
     packed_expert_tensors: tuple[str, ...] = ()
-
-    @property
-    def has_experts(self) -> bool:
-        return self.expert_count_key is not None
 
 
 def _linear_writer(

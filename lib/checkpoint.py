@@ -75,10 +75,7 @@ class Checkpoint:
     index_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.tensors: dict[str, LogicalTensor] = {
-            tensor.name: tensor for shard in self.shards for tensor in shard.tensors
-        }
-        self.shard_of: dict[str, Shard] = {tensor.name: shard for shard in self.shards for tensor in shard.tensors}
+        self.tensors: dict[str, LogicalTensor] = {tensor.name: tensor for shard in self.shards for tensor in shard.tensors}
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -103,9 +100,6 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return load_tensor(self.tensors[name])
-
-    def total_bytes(self) -> int:
-        return sum(tensor.nbytes for tensor in self.tensors.values())
 
 
 def load_tensor(tensor: LogicalTensor) -> torch.Tensor:

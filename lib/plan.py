@@ -92,10 +92,15 @@ class _Problems:
         self.messages.append(f"{path}: {message}" if path else message)
 
     def raise_if_any(self, source: Path) -> None:
-        if len(self.messages) == 1:
-            raise UserError(f"{source}: {self.messages[0]}")
-        if self.messages:
-            raise UserError(f"{source}: {len(self.messages)} problems: " + "; ".join(self.messages))
+        raise_problems(source, self.messages)
+
+
+def raise_problems(source: Path, messages: list[str]) -> None:
+    """All problems found in a plan, as one UserError line naming the plan file."""
+    if len(messages) == 1:
+        raise UserError(f"{source}: {messages[0]}")
+    if messages:
+        raise UserError(f"{source}: {len(messages)} problems: " + "; ".join(messages))
 
 
 def load_plan(path: Path) -> Plan:

@@ -17,6 +17,7 @@ from lib.architectures import (
     ATTENTION_OUTPUT,
     BIASES,
     MLP_OUTPUT,
+    RESIDUAL_FIRST,
     RESIDUAL_LAST,
     ROUTER,
     SHARED_EXPERT_OUTPUT,
@@ -26,9 +27,8 @@ from lib.architectures import (
     layer_tensor_pattern,
 )
 from lib.checkpoint import Checkpoint
-from lib.errors import UserError
 from lib.measurements import Measurements
-from lib.plan import MeasurementSpec, Plan, PlanEntry
+from lib.plan import MeasurementSpec, Plan, PlanEntry, raise_problems
 from lib.projection import (
     DegenerateDirectionError,
     interpolated,
@@ -57,7 +57,7 @@ class TensorEdit:
 
     @property
     def rule(self) -> str:
-        layout = "[hidden, in]" if self.residual_axis == 0 else "[..., hidden]"
+        layout = "[hidden, in]" if self.residual_axis == RESIDUAL_FIRST else "[..., hidden]"
         return f"{self.role.value} {layout}" + (" norm-preserving" if self.norm_preserve else "")
 
 
@@ -77,8 +77,7 @@ class _Match:
 def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> Resolution:
     problems: list[str] = []
     _check_measurements_fit(checkpoint, measurements, problems)
-    if problems:
-        raise UserError(f"{plan.source}: " + "; ".join(problems))
+    raise_problems(plan.source, problems)  # nothing below makes sense for another model's measurements
     matches = _matches_by_layer(checkpoint)
     edits: list[TensorEdit] = []
     for entry in plan.entries:
@@ -90,10 +89,7 @@ def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> R
         if embedding_edit is not None:
             edits.append(embedding_edit)
             untie = checkpoint.ties_embeddings()
-    if len(problems) == 1:
-        raise UserError(f"{plan.source}: {problems[0]}")
-    if problems:
-        raise UserError(f"{plan.source}: {len(problems)} problems: " + "; ".join(problems))
+    raise_problems(plan.source, problems)
     return Resolution(tuple(edits), untie)
 
 
@@ -120,7 +116,7 @@ def _matches_by_layer(checkpoint: Checkpoint) -> dict[int, list[_Match]]:
 
 
 def _direction(
-    plan: Plan, entry: PlanEntry, spec: MeasurementSpec, harmless_layer: int, measurements: Measurements,
+    entry: PlanEntry, spec: MeasurementSpec, harmless_layer: int, measurements: Measurements,
     problems: list[str],
 ) -> tuple[torch.Tensor, str] | None:
     """The entry's prepared unit direction (measured, projected, sparsified) and how it was made."""
@@ -182,7 +178,7 @@ def _layer_edits(
     if layer >= checkpoint.num_layers:
         problems.append(f"{entry.path}.layer: layer {layer} is out of range; the model has layers 0..{checkpoint.num_layers - 1}")
         return []
-    prepared = _direction(plan, entry, layer if entry.measurement is None else entry.measurement, layer, measurements,
+    prepared = _direction(entry, layer if entry.measurement is None else entry.measurement, layer, measurements,
                           problems)
     selected = [match for match in matches.get(layer, [])
                 if match.rule.component in entry.options.components
@@ -276,7 +272,7 @@ def _embedding_edit(
     if not _is_editable(entry, name, checkpoint, problems):
         return None
     # The embedding's output is the residual stream entering layer 0: its harmless mean is layer 0's.
-    prepared = _direction(plan, entry, entry.measurement, 0, measurements, problems)
+    prepared = _direction(entry, entry.measurement, 0, measurements, problems)
     if prepared is None:
         return None
     direction, label = prepared

@@ -1,6 +1,8 @@
 """Plan validation and resolution: every bad input is one clear line, exit status 2, and no output."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,32 @@ def test_dry_run_prints_the_resolved_edit_list_and_writes_nothing(setup, capsys)
     assert "projected against harmless 2" in rows["model.layers.2.mlp.down_proj.weight"]
     assert "-1" in rows["model.layers.3.self_attn.o_proj.weight"].split()
     assert "mean of measurement 1 and measurement 3" in rows["model.layers.3.self_attn.o_proj.weight"]
+
+
+def relabelled_copy(source: Path, directory: Path, **config_changes) -> Path:
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(config_changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_tensors_the_family_does_not_explain_are_refused(tiny_model, tmp_path: Path, capsys) -> None:
+    """A llama checkpoint labelled mixtral: its MLP is not where a Mixtral keeps it, so nothing is guessed."""
+    model = relabelled_copy(tiny_model("llama"), tmp_path / "models" / "relabelled", model_type="mixtral")
+    write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
+    plan = write_plan(tmp_path / "plan.yml", {"model": str(model), "measurements": str(tmp_path / "m.pt"),
+                                              "output": str(tmp_path / "out"), "ablate": [{"layer": 1}]})
+    status, error, _ = run_ablate([str(plan)], capsys)
+    assert status == 2 and "ablate[0]: layer 1 has no mlp_output tensor" in error and "block_sparse_moe" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_experts_are_refused(tiny_model, tmp_path: Path, capsys) -> None:
+    model = relabelled_copy(tiny_model("mixtral"), tmp_path / "models" / "mixtral", num_local_experts=8)
+    write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
+    plan = write_plan(tmp_path / "plan.yml", {"model": str(model), "measurements": str(tmp_path / "m.pt"),
+                                              "output": str(tmp_path / "out"), "ablate": [{"layer": "0-1"}]})
+    status, error, _ = run_ablate([str(plan)], capsys)
+    assert status == 2 and "2 problems" in error and "layer 1 has 4 experts' output tensors" in error
+    assert "num_local_experts = 8" in error
