@@ -244,8 +244,20 @@ def edit_record(edit: TensorEdit) -> dict[str, Any]:
 def write_plan_and_card(plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path],
                         directory: Path) -> None:
     document = resolved_plan_document(plan, checkpoint, resolution, skipped)
-    (directory / PLAN_FILE_NAME).write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120))
+    (directory / PLAN_FILE_NAME).write_text(yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False,
+                                                      allow_unicode=True, width=120))
     (directory / MODEL_CARD_NAME).write_text(model_card(document, resolution, checkpoint.directory / MODEL_CARD_NAME))
+
+
+class _ReadableDumper(yaml.SafeDumper):
+    """Safe YAML that writes multi-line strings (the plan as written) as literal blocks."""
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_ReadableDumper.add_representer(str, _represent_text)
 
 
 def model_card(document: dict[str, Any], resolution: Resolution, original_card: Path) -> str:
