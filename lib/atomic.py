@@ -41,16 +41,29 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
+def atomic_directory(path: Path, replace_existing: bool = False) -> Iterator[Path]:
     """Like `atomic_file` for a directory: build it under a temporary sibling, rename when complete.
 
-    The caller must have checked that `path` does not exist (or removed it deliberately).
+    The caller must have checked that `path` does not exist, or pass `replace_existing=True` to
+    swap an existing directory out only once the new one is complete.
     """
     path = Path(path)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
     try:
         yield temporary
-        os.replace(temporary, path)
+        if replace_existing and path.exists():
+            _swap_directories(temporary, path)
+        else:
+            os.replace(temporary, path)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _swap_directories(new: Path, path: Path) -> None:
+    """Move the old `path` aside, rename `new` into place, then delete the old one."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".replaced", dir=path.absolute().parent))
+    os.rmdir(retired)
+    os.rename(path, retired)
+    os.rename(new, path)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -75,6 +75,21 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=16,
         rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
     ),
+    "deepseek_v2": dict(
+        n_routed_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        moe_intermediate_size=HIDDEN_SIZE,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    ),
     "deepseek_v3": dict(
         n_routed_experts=_MOE_EXPERTS,
         num_experts_per_tok=2,
@@ -175,17 +190,28 @@ def build_fixture(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: int = SMALL_SHARD_BYTES,
+    randomize_norms_and_biases: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a random tiny model of `model_type` with tokenizer and chat template to `output_dir`.
 
     `single_file=True` writes one `model.safetensors`; otherwise shards of at most
-    `max_shard_size` bytes with a `model.safetensors.index.json`.
+    `max_shard_size` bytes with a `model.safetensors.index.json`. `randomize_norms_and_biases=True`
+    shifts every norm gain by uniform noise in [-0.5, 0.5) and draws every bias at random: fresh
+    norms are all ones (all zeros under Gemma's `1 + weight`) and fresh biases all zeros, which
+    would hide any mistake in how a gain or a bias is handled.
     """
     output_dir = Path(output_dir)
     config = build_config(model_type, num_hidden_layers, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if randomize_norms_and_biases:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name and parameter.dim() == 1:
+                    parameter.add_(torch.rand_like(parameter) - 0.5)
+                elif name.endswith("bias"):
+                    parameter.normal_(0.0, 0.2)
     model.generation_config.pad_token_id = build_tokenizer().pad_token_id
     shard_size = 1 << 40 if single_file else max_shard_size
     model.save_pretrained(output_dir, max_shard_size=shard_size)

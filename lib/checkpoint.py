@@ -1,0 +1,198 @@
+"""A safetensors checkpoint seen through its headers: family, layout and every tensor's location.
+
+Nothing is loaded here but the headers, the config and (on request) single tensors. MXFP4 expert
+tensors of original GPT-OSS checkpoints appear as one logical tensor per `*_blocks`/`*_scales`
+pair, already in the orientation of the BF16 checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from lib import mxfp4
+from lib.architectures import SUPPORTED_MODEL_TYPES, Family, Layout, family_for
+from lib.errors import UserError
+from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, resolve_model_directory
+from lib.safetensors_stream import (
+    DTYPE_NAMES,
+    ELEMENT_SIZES,
+    ShardHeader,
+    StoredTensor,
+    read_header,
+    read_tensor,
+)
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """An MXFP4 `*_blocks` + `*_scales` pair, seen as the dequantised tensor it stands for."""
+
+    name: str
+    blocks: StoredTensor
+    scales: StoredTensor
+
+    @property
+    def dtype(self) -> str:
+        return DTYPE_NAMES[mxfp4.DEQUANTIZED_DTYPE]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return mxfp4.dequantized_shape(self.blocks.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return ELEMENT_SIZES[self.dtype] * int(torch.Size(self.shape).numel())
+
+
+LogicalTensor = Union[StoredTensor, PackedTensor]
+
+
+@dataclass(frozen=True)
+class Shard:
+    file_name: str
+    path: Path
+    metadata: dict[str, str] | None
+    tensors: tuple[LogicalTensor, ...]  # file order; a packed pair sits where its blocks were
+    stored_names: frozenset[str]  # the names actually in the file (packed pairs as two names)
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    config: dict[str, Any]
+    model_type: str
+    family: Family
+    layout: Layout
+    num_layers: int
+    hidden_size: int
+    shards: list[Shard]
+    is_sharded: bool
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tensors: dict[str, LogicalTensor] = {tensor.name: tensor for shard in self.shards for tensor in shard.tensors}
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        key = self.family.text_config_key
+        return self.config.get(key, {}) if key else self.config
+
+    @property
+    def embedding_name(self) -> str:
+        return f"{self.layout.model_prefix}embed_tokens.weight"
+
+    @property
+    def is_packed(self) -> bool:
+        return any(isinstance(tensor, PackedTensor) for tensor in self.tensors.values())
+
+    def ties_embeddings(self) -> bool:
+        """Whether transformers will use the embedding as the output head (tied, maybe implicitly)."""
+        if self.layout.lm_head not in self.tensors:
+            return True
+        flags = [self.config.get("tie_word_embeddings"), self.text_config.get("tie_word_embeddings")]
+        declared = [flag for flag in flags if flag is not None]
+        return any(declared) if declared else self.family.ties_embeddings_by_default
+
+    def read(self, name: str) -> torch.Tensor:
+        return load_tensor(self.tensors[name])
+
+
+def load_tensor(tensor: LogicalTensor) -> torch.Tensor:
+    """A private, writable copy of one tensor; packed MXFP4 tensors come dequantised."""
+    if isinstance(tensor, PackedTensor):
+        return mxfp4.dequantize(read_tensor(tensor.blocks), read_tensor(tensor.scales))
+    return read_tensor(tensor)
+
+
+def open_checkpoint(model: str | Path, flag: str = "model") -> Checkpoint:
+    """Resolve `model` (a directory or a cached hub id) and read its config and shard headers."""
+    directory = resolve_model_directory(model, flag=flag)
+    config = read_config(directory)
+    model_type = config.get("model_type")
+    family = family_for(model_type)
+    if family is None:
+        raise UserError(
+            f"{flag} {model}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    stored_by_file, is_sharded, index_metadata = _read_stored_tensors(directory)
+    all_names = {tensor.name for header in stored_by_file.values() for tensor in header.tensors}
+    layout = _detect_layout(family, all_names, directory)
+    packed = _packed_tensors(family, layout, config, stored_by_file, directory)
+    shards = [_shard(directory, file_name, headers, packed) for file_name, headers in stored_by_file.items()]
+    text_config = config.get(family.text_config_key, {}) if family.text_config_key else config
+    num_layers, hidden_size = text_config.get("num_hidden_layers"), text_config.get("hidden_size")
+    if not isinstance(num_layers, int) or not isinstance(hidden_size, int):
+        raise UserError(f"{directory / 'config.json'}: needs integer num_hidden_layers and hidden_size")
+    return Checkpoint(directory, config, model_type, family, layout, num_layers, hidden_size, shards, is_sharded,
+                      index_metadata)
+
+
+def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool, dict[str, Any]]:
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index.get("weight_map", {})
+        stored_by_file = {}
+        for file_name in dict.fromkeys(weight_map.values()):
+            if not (directory / file_name).is_file():
+                raise UserError(f"{index_path}: lists {file_name}, which is missing")
+            stored_by_file[file_name] = read_header(directory / file_name)
+        for name, file_name in weight_map.items():
+            if name not in {tensor.name for tensor in stored_by_file[file_name].tensors}:
+                raise UserError(f"{index_path}: maps {name} to {file_name}, which does not contain it")
+        return stored_by_file, True, index.get("metadata", {})
+    if (directory / SINGLE_FILE_NAME).is_file():
+        return {SINGLE_FILE_NAME: read_header(directory / SINGLE_FILE_NAME)}, False, {}
+    raise UserError(f"{directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")
+
+
+def _detect_layout(family: Family, names: set[str], directory: Path) -> Layout:
+    for layout in family.layouts:
+        if f"{layout.model_prefix}embed_tokens.weight" in names or any(
+            name.startswith(f"{layout.model_prefix}layers.") for name in names
+        ):
+            return layout
+    expected = " or ".join(f"'{layout.model_prefix}layers.N...'" for layout in family.layouts)
+    raise UserError(f"{directory}: no tensors named like {expected} for model_type {family.name}")
+
+
+def _packed_tensors(
+    family: Family, layout: Layout, config: dict[str, Any], stored_by_file: dict[str, ShardHeader], directory: Path
+) -> dict[str, PackedTensor]:
+    """Pair every MXFP4 `*_blocks` tensor the family knows with its `*_scales`."""
+    if not family.packed_expert_tensors:
+        return {}
+    names = "|".join(re.escape(name) for name in family.packed_expert_tensors)
+    pattern = re.compile(rf"{re.escape(layout.model_prefix)}layers\.\d+\.(?:{names}){mxfp4.BLOCKS_SUFFIX}")
+    stored = {tensor.name: tensor for header in stored_by_file.values() for tensor in header.tensors}
+    packed = {}
+    for name, tensor in stored.items():
+        if not pattern.fullmatch(name):
+            continue
+        base = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
+        scales = stored.get(base + mxfp4.SCALES_SUFFIX)
+        if scales is None or len(tensor.shape) != 4 or tuple(tensor.shape[:-1]) != tuple(scales.shape):
+            raise UserError(f"{directory}: {name} has no matching {base}{mxfp4.SCALES_SUFFIX} of shape {tensor.shape[:-1]}")
+        packed[base] = PackedTensor(base, tensor, scales)
+    quantization = config.get("quantization_config") or {}
+    if packed and quantization.get("quant_method") != "mxfp4":
+        raise UserError(f"{directory / 'config.json'}: tensors are MXFP4-packed but quantization_config is not mxfp4")
+    return packed
+
+
+def _shard(directory: Path, file_name: str, header: ShardHeader, packed: dict[str, PackedTensor]) -> Shard:
+    packed_parts = {part.name: base for base, pair in packed.items() for part in (pair.blocks, pair.scales)}
+    tensors: list[LogicalTensor] = []
+    for tensor in header.tensors:
+        base = packed_parts.get(tensor.name)
+        if base is None:
+            tensors.append(tensor)
+        elif tensor.name == packed[base].blocks.name:
+            tensors.append(packed[base])
+    return Shard(file_name, directory / file_name, header.metadata, tuple(tensors),
+                 frozenset(tensor.name for tensor in header.tensors))

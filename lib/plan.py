@@ -1,0 +1,292 @@
+"""The ablation plan (SPEC §3): YAML parsing and strict validation.
+
+Every problem names its YAML path (`ablate[2].sparsity`) and says what is allowed; all problems of
+a file are reported together, in one line, before anything is read from the model or written.
+Checks that need the model or the measurement file (layer ranges, measured layers, directions)
+happen in lib/resolution.py, also before anything is written.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lib.architectures import DEFAULT_COMPONENTS, LAYER_COMPONENTS
+from lib.errors import UserError
+
+# A measured layer, a fractional layer (interpolated), or several of those (mean of unit directions).
+MeasurementSpec = Union[int, float, tuple[Union[int, float], ...]]
+
+OPTION_KEYS = ("scale", "sparsity", "components", "projected", "norm_preserve", "invert")
+TOP_LEVEL_KEYS = ("model", "measurements", "output", *OPTION_KEYS, "embeddings", "ablate")
+ENTRY_KEYS = ("layer", "measurement", *OPTION_KEYS)
+EMBEDDING_KEYS = ("measurement", "scale", "sparsity", "projected", "norm_preserve", "invert")
+_LAYER_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one entry's direction is prepared and applied; entries inherit the top level's options."""
+
+    scale: float = 1.0  # the entry's own scale; the effective scale multiplies in the global one
+    sparsity: float = 1.0
+    components: frozenset[str] = DEFAULT_COMPONENTS
+    projected: bool = False
+    norm_preserve: bool = False
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    path: str  # where it came from, e.g. "ablate[2]" or "embeddings"
+    layers: tuple[int, ...]  # empty for the embeddings entry
+    measurement: MeasurementSpec | None  # None: each layer uses its own measurement
+    options: Options
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Path
+    model: str
+    measurements: Path
+    output: Path
+    global_scale: float
+    entries: tuple[PlanEntry, ...]
+    embeddings: PlanEntry | None
+    text: str = field(default="", repr=False)  # the YAML as written, kept for the model card
+
+    def effective_scale(self, entry: PlanEntry) -> float:
+        """Global scale times the entry's scale; `invert` turns removal into addition."""
+        scale = self.global_scale * entry.options.scale
+        return -scale if entry.options.invert else scale
+
+    def with_overrides(self, projected: bool = False, norm_preserve: bool = False, invert: bool = False) -> Plan:
+        """Command-line switches win over the YAML, for every entry."""
+        switched = {key: True for key, on in
+                    (("projected", projected), ("norm_preserve", norm_preserve), ("invert", invert)) if on}
+        if not switched:
+            return self
+
+        def override(entry: PlanEntry) -> PlanEntry:
+            return replace(entry, options=replace(entry.options, **switched))
+
+        return replace(
+            self,
+            entries=tuple(override(entry) for entry in self.entries),
+            embeddings=override(self.embeddings) if self.embeddings else None,
+        )
+
+
+class _Problems:
+    """Collects every validation problem so that one run reports them all."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.messages.append(f"{path}: {message}" if path else message)
+
+    def raise_if_any(self, source: Path) -> None:
+        raise_problems(source, self.messages)
+
+
+def raise_problems(source: Path, messages: list[str]) -> None:
+    """All problems found in a plan, as one UserError line naming the plan file."""
+    if len(messages) == 1:
+        raise UserError(f"{source}: {messages[0]}")
+    if messages:
+        raise UserError(f"{source}: {len(messages)} problems: " + "; ".join(messages))
+
+
+def load_plan(path: Path) -> Plan:
+    """Read and validate a plan file; any problem is a UserError naming the YAML path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: plan file not found")
+    text = path.read_text()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "cannot be parsed"
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_plan(document, path, text)
+
+
+def parse_plan(document: Any, source: Path, text: str = "") -> Plan:
+    problems = _Problems()
+    if not isinstance(document, dict):
+        raise UserError(f"{source}: the plan must be a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    _check_keys(document, TOP_LEVEL_KEYS, "", problems)
+    model = _required_text(document, "model", problems)
+    measurements = _required_text(document, "measurements", problems)
+    output = _required_text(document, "output", problems)
+    global_scale = _scale(document.get("scale", 1.0), "scale", problems)
+    defaults = _options(document, "", Options(), problems, allow_scale=False)
+    entries = _entries(document.get("ablate"), defaults, problems)
+    embeddings = _embeddings(document.get("embeddings"), defaults, problems)
+    if not entries and embeddings is None and "ablate" in document:
+        problems.add("ablate", "is empty: list at least one entry (or give an 'embeddings' entry)")
+    elif "ablate" not in document and embeddings is None:
+        problems.add("ablate", "missing: list the layers to edit, e.g. '- layer: 10'")
+    _check_duplicate_layers(entries, problems)
+    problems.raise_if_any(source)
+    return Plan(source, model, Path(measurements), Path(output), global_scale, tuple(entries), embeddings, text)
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], path: str, problems: _Problems) -> None:
+    for key in mapping:
+        if key not in allowed:
+            suggestion = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
+            where = f"{path}." if path else ""
+            problems.add(f"{where}{key}", f"unknown key{hint}; allowed here: {', '.join(allowed)}")
+
+
+def _required_text(document: dict, key: str, problems: _Problems) -> str:
+    value = document.get(key)
+    if not isinstance(value, str) or not value.strip():
+        problems.add(key, f"required: a non-empty path or hub id, got {value!r}")
+        return ""
+    return value.strip()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scale(value: Any, path: str, problems: _Problems) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        problems.add(path, f"must be a finite number (1.0 removes the direction, 0 keeps it, negative adds it), got {value!r}")
+        return 1.0
+    return float(value)
+
+
+def _sparsity(value: Any, path: str, problems: _Problems) -> float:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        hint = " (older tools wrote 0.0 for 'no sparsity'; that is 1.0 here)" if value == 0 else ""
+        problems.add(path, f"must be in (0, 1], the fraction of direction components kept, got {value!r}{hint}")
+        return 1.0
+    return float(value)
+
+
+def _flag(value: Any, path: str, problems: _Problems, default: bool) -> bool:
+    if not isinstance(value, bool):
+        problems.add(path, f"must be true or false, got {value!r}")
+        return default
+    return value
+
+
+def _components(value: Any, path: str, problems: _Problems) -> frozenset[str]:
+    allowed = ", ".join(LAYER_COMPONENTS)
+    if not isinstance(value, list) or not value:
+        problems.add(path, f"must be a non-empty list of: {allowed}; got {value!r}")
+        return DEFAULT_COMPONENTS
+    for position, name in enumerate(value):
+        if name not in LAYER_COMPONENTS:
+            hint = " (embeddings are edited by the top-level 'embeddings' entry)" if name in ("embeddings", "embedding") else ""
+            problems.add(f"{path}[{position}]", f"unknown component {name!r}; allowed: {allowed}{hint}")
+    return frozenset(name for name in value if name in LAYER_COMPONENTS)
+
+
+def _options(mapping: dict, path: str, inherited: Options, problems: _Problems, allow_scale: bool = True) -> Options:
+    where = f"{path}." if path else ""
+    options = inherited
+    if allow_scale and "scale" in mapping:
+        options = replace(options, scale=_scale(mapping["scale"], f"{where}scale", problems))
+    if "sparsity" in mapping:
+        options = replace(options, sparsity=_sparsity(mapping["sparsity"], f"{where}sparsity", problems))
+    if "components" in mapping:
+        options = replace(options, components=_components(mapping["components"], f"{where}components", problems))
+    for key in ("projected", "norm_preserve", "invert"):
+        if key in mapping:
+            options = replace(options, **{key: _flag(mapping[key], f"{where}{key}", problems, getattr(inherited, key))})
+    return options
+
+
+def _layers(value: Any, path: str, problems: _Problems) -> tuple[int, ...]:
+    """An int, an inclusive range "A-B", or a list of those."""
+    items = value if isinstance(value, list) and value else [value]
+    layers: list[int] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            layers.append(item)
+            continue
+        matched = _LAYER_RANGE.fullmatch(item) if isinstance(item, str) else None
+        if matched and int(matched[1]) <= int(matched[2]):
+            layers.extend(range(int(matched[1]), int(matched[2]) + 1))
+            continue
+        problems.add(path, f"must be a layer number >= 0, an inclusive range like \"10-20\", or a list of those; got {item!r}")
+    return tuple(layers)
+
+
+def _measurement(value: Any, path: str, problems: _Problems) -> MeasurementSpec | None:
+    """An int, a float (interpolated between neighbouring layers) or a list of those (mean)."""
+    allowed = "a measured layer (int), a fractional layer like 20.5 (interpolated), or a list of those (mean)"
+
+    def single(item: Any, item_path: str) -> int | float | None:
+        if not _is_number(item) or not math.isfinite(item) or item < 0:
+            problems.add(item_path, f"must be {allowed}; got {item!r}")
+            return None
+        return int(item) if float(item).is_integer() else float(item)
+
+    if isinstance(value, list):
+        if not value:
+            problems.add(path, f"must be {allowed}; got an empty list")
+            return None
+        parsed = [single(item, f"{path}[{position}]") for position, item in enumerate(value)]
+        return None if any(item is None for item in parsed) else tuple(parsed)
+    return single(value, path)
+
+
+def _entries(value: Any, defaults: Options, problems: _Problems) -> list[PlanEntry]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.add("ablate", f"must be a list of entries with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])})")
+        return []
+    entries = []
+    for position, item in enumerate(value):
+        path = f"ablate[{position}]"
+        if not isinstance(item, dict):
+            problems.add(path, f"must be a mapping with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])}), got {item!r}")
+            continue
+        _check_keys(item, ENTRY_KEYS, path, problems)
+        if "layer" not in item:
+            problems.add(path, "missing 'layer': the decoder layer (or range \"A-B\", or list) whose weights are edited")
+            continue
+        layers = _layers(item["layer"], f"{path}.layer", problems)
+        measurement = _measurement(item["measurement"], f"{path}.measurement", problems) if "measurement" in item else None
+        options = _options(item, path, replace(defaults, scale=1.0), problems)
+        entries.append(PlanEntry(path, layers, measurement, options))
+    return entries
+
+
+def _embeddings(value: Any, defaults: Options, problems: _Problems) -> PlanEntry | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "measurement" not in value:
+        problems.add("embeddings", f"must be a mapping with 'measurement' (and optionally {', '.join(EMBEDDING_KEYS[1:])})")
+        return None
+    _check_keys(value, EMBEDDING_KEYS, "embeddings", problems)
+    measurement = _measurement(value["measurement"], "embeddings.measurement", problems)
+    options = _options(value, "embeddings", replace(defaults, scale=1.0), problems)
+    return PlanEntry("embeddings", (), measurement, options)
+
+
+def _check_duplicate_layers(entries: list[PlanEntry], problems: _Problems) -> None:
+    """One entry per layer: a layer listed twice is almost always an editing slip."""
+    first_seen: dict[int, str] = {}
+    for entry in entries:
+        for layer in entry.layers:
+            if layer in first_seen:
+                where = "earlier in this entry" if first_seen[layer] == entry.path else f"by {first_seen[layer]}"
+                problems.add(f"{entry.path}.layer", f"layer {layer} is already planned {where}; "
+                             "plan each layer once (use a list 'measurement' to combine directions)")
+            first_seen.setdefault(layer, entry.path)

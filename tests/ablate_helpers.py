@@ -1,0 +1,107 @@
+"""Shared pieces of the sharded_ablate tests: measurement files, plans, runs and residual-write probes."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import sharded_ablate
+from lib.errors import run_cli
+from lib.measurements import LayerMeasurement, Measurements, save_measurements
+
+GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
+
+
+def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int = 0) -> Measurements:
+    """Random per-layer means and unit directions, L = 0..num_layers, saved as a measurement file."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index in range(num_layers + 1):
+        harmful, harmless = torch.randn(hidden_size, generator=generator), torch.randn(hidden_size, generator=generator)
+        refusal = harmful - harmless
+        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / refusal.norm())
+    measurements = Measurements(num_layers, layers, meta={"model": "fixture"})
+    save_measurements(measurements, path)
+    return measurements
+
+
+def write_plan(path: Path, plan: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+class Run(NamedTuple):
+    status: int
+    error: str  # stderr
+    output: str  # stdout
+
+
+def run_ablate(arguments: Sequence[str], capsys: pytest.CaptureFixture | None = None) -> Run:
+    """Run the entry script in-process exactly as the command line does."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sharded_ablate.main, list(arguments))
+    captured = capsys.readouterr() if capsys is not None else None
+    return Run(exit_info.value.code, captured.err if captured else "", captured.out if captured else "")
+
+
+def read_all_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def shard_metadata(directory: Path) -> dict[str, dict | None]:
+    metadata = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            metadata[path.name] = handle.metadata()
+    return metadata
+
+
+def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The text decoder layers by index, wherever the family keeps them (multimodal wrappers too)."""
+    layers = {}
+    for name, module in model.named_modules():
+        found = re.search(r"layers\.(\d+)$", name)
+        if found and "vision" not in name and hasattr(module, "self_attn"):
+            layers[int(found[1])] = module
+    return layers
+
+
+def residual_writes(model: torch.nn.Module, model_type: str, layers: Sequence[int], input_ids: torch.Tensor) -> dict:
+    """Every vector the given layers add to the residual stream: {(layer, 'attention'|'mlp'): [tokens, hidden]}.
+
+    Gemma's sandwich norms sit between a block and the residual add, so there the write is the
+    post-norm's output; elsewhere it is the attention / MLP block's output.
+    """
+    writers = ("post_attention_layernorm", "post_feedforward_layernorm") if model_type in GEMMA_FAMILIES else ("self_attn", "mlp")
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    by_index = decoder_layers(model)
+    for layer in layers:
+        for kind, attribute in zip(("attention", "mlp"), writers):
+            def hook(module, inputs, output, key=(layer, kind)):
+                value = output[0] if isinstance(output, tuple) else output
+                captured[key] = value.detach().reshape(-1, value.shape[-1]).double()
+            handles.append(getattr(by_index[layer], attribute).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def component_ratios(writes: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Per token, |write · d| / |write|."""
+    direction = direction.double() / direction.double().norm()
+    return (writes @ direction).abs() / writes.norm(dim=-1).clamp_min(1e-30)

@@ -1,0 +1,113 @@
+"""Every supported family, through transformers' own forward pass: the edited layers no longer write
+the direction into the residual stream, routers no longer see it, and nothing else changed a bit."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from tests.ablate_helpers import (
+    component_ratios,
+    read_all_tensors,
+    residual_writes,
+    run_ablate,
+    write_measurements,
+    write_plan,
+)
+from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+
+# Which measured direction each edited layer uses; layer 0 stays untouched.
+LAYER_MEASUREMENTS = {1: 3, 2: 2, 3: 0}
+EDITED_LAYERS = "|".join(str(layer) for layer in LAYER_MEASUREMENTS)
+# Written independently of lib/architectures.py: the tensors a default plan must edit, and only those.
+EXPECTED_EDITED = re.compile(
+    rf".*layers\.({EDITED_LAYERS})\.("
+    r"self_attn\.o_proj\.(weight|bias)"
+    r"|mlp\.down_proj\.weight"
+    r"|mlp\.(experts\.\d+\.|shared_experts?\.)down_proj\.weight"
+    r"|block_sparse_moe\.experts\.\d+\.w2\.weight"
+    r"|mlp\.experts\.down_proj(_bias)?"
+    r"|mlp\.router\.weight|mlp\.gate\.weight|block_sparse_moe\.gate\.weight|mlp\.shared_expert_gate\.weight"
+    r")"
+)
+ROUTER = re.compile(r".*layers\.(\d+)\.(mlp\.router|mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight")
+FAMILIES = ALL_FAMILIES
+
+
+@pytest.fixture(scope="module")
+def ablated(tiny_model, tmp_path_factory):
+    """Ablate each family once per module: {model_type: (source, output, measurements)}."""
+    results = {}
+
+    def make(model_type: str):
+        if model_type not in results:
+            work = tmp_path_factory.mktemp(f"ablate-{model_type}")
+            source = tiny_model(model_type, randomize_norms_and_biases=True)
+            measurements = write_measurements(work / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS, seed=len(results))
+            plan = write_plan(work / "plan.yml", {
+                "model": str(source),
+                "measurements": str(work / "m.pt"),
+                "output": str(work / "out"),
+                "ablate": [{"layer": layer, "measurement": measured} for layer, measured in LAYER_MEASUREMENTS.items()],
+            })
+            assert run_ablate([str(plan)]).status == 0
+            results[model_type] = (source, work / "out", measurements)
+        return results[model_type]
+
+    return make
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_edited_layers_write_nothing_along_the_direction(ablated, model_type: str) -> None:
+    source, output, measurements = ablated(model_type)
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    edited = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    input_ids = torch.randint(10, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = residual_writes(original, model_type, list(LAYER_MEASUREMENTS), input_ids)
+    after = residual_writes(edited, model_type, list(LAYER_MEASUREMENTS), input_ids)
+    assert set(after) == {(layer, kind) for layer in LAYER_MEASUREMENTS for kind in ("attention", "mlp")}
+    for (layer, kind), writes in after.items():
+        direction = measurements.direction(LAYER_MEASUREMENTS[layer])
+        ratio_after = component_ratios(writes, direction)
+        ratio_before = component_ratios(before[(layer, kind)], direction)
+        assert ratio_after.max() <= 0.01, (layer, kind, float(ratio_after.max()))
+        assert ratio_after.mean() * 10 <= ratio_before.mean(), (layer, kind)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_exactly_the_planned_tensors_change(ablated, model_type: str) -> None:
+    source, output, _ = ablated(model_type)
+    before, after = read_all_tensors(source), read_all_tensors(output)
+    assert set(after) == set(before)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    expected = {name for name in before if EXPECTED_EDITED.fullmatch(name)}
+    assert expected and changed == expected
+    for name in set(before) - changed:
+        assert before[name].dtype == after[name].dtype
+        assert before[name].view(torch.uint8).equal(after[name].view(torch.uint8))
+    recorded = {edit["tensor"] for edit in yaml.safe_load((output / "ablation_plan.yml").read_text())["edits"]}
+    assert recorded == expected
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("model_type", [family for family in FAMILIES if family in
+                                        ("gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")])
+def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_type: str) -> None:
+    source, output, measurements = ablated(model_type)
+    before, after = read_all_tensors(source), read_all_tensors(output)
+    routers = [name for name in after if ROUTER.fullmatch(name) and int(ROUTER.fullmatch(name)[1]) in LAYER_MEASUREMENTS]
+    assert routers
+    for name in routers:
+        layer = int(ROUTER.fullmatch(name)[1])
+        # The MLP block (and so its router) reads the residual through post_attention_layernorm in these families.
+        gain = after[name.split("mlp.")[0].split("block_sparse_moe.")[0] + "post_attention_layernorm.weight"].double()
+        direction = measurements.direction(LAYER_MEASUREMENTS[layer]).double()
+        seen = gain * direction
+        seen = seen / seen.norm()
+        assert (after[name].double() @ seen).abs().max() <= 1e-5 * after[name].double().norm()
+        assert (before[name].double() @ seen).abs().max() >= 1e-2 * before[name].double().norm()
