@@ -314,9 +314,13 @@ def estimate_weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quantiza
     output_head = model.get_output_embeddings()
     element_size = torch.tensor([], dtype=dtype).element_size()
     total = 0.0
+    counted: set[int] = set()  # tied weights (embedding = output head) are one tensor
     for module in model.modules():
         quantizable = quantization is not None and isinstance(module, nn.Linear) and module is not output_head
         for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in counted:
+                continue
+            counted.add(id(parameter))
             if quantizable and name == "weight":
                 total += parameter.numel() * QUANTIZED_BYTES_PER_WEIGHT[quantization]
             else:

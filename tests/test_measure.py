@@ -86,6 +86,9 @@ def test_file_layout_meta_and_loader(tiny_model, tmp_path: Path) -> None:
     assert meta["projected"] is False and meta["created"] and meta["tool_version"]
     loaded = load_measurements(tmp_path / "m.pt")
     assert loaded.num_layers == 4 and sorted(loaded.layers) == [0, 1, 2, 3, 4]
+    assert torch.allclose(loaded.direction(2), measured["refusenorm_2"])
+    with pytest.raises(UserError, match="layer 0 has no refusal direction"):
+        loaded.direction(0)
     assert [path.name for path in tmp_path.glob("*.pt*")] == ["m.pt"]
 
 
