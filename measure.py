@@ -40,29 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the refusal direction of every layer of a causal LM: the mean residual stream at "
                     "the last prompt token for harmful vs harmless prompts, written as a .pt file.",
     )
-    parser.add_argument("--model", "-m", required=True, help="local model directory or a hub id in the local cache")
-    parser.add_argument("--output", "-o", required=True, type=Path, help="measurement file to write (.pt)")
+    parser.add_argument("--model", "-m", required=True, metavar="MODEL", help="local model directory or a hub id in the local cache")
+    parser.add_argument("--output", "-o", required=True, type=Path, metavar="FILE", help="measurement file to write (.pt)")
     parser.add_argument(
-        "--batch-size", type=_non_negative_integer, default=0,
+        "--batch-size", type=_non_negative_integer, default=0, metavar="N",
         help="prompts per forward pass; 0 (default) = automatic: the largest batch that fits, halved on out-of-memory",
     )
     parser.add_argument(
-        "--data-harmful", type=Path, default=DEFAULT_HARMFUL_PROMPTS,
+        "--data-harmful", type=Path, default=DEFAULT_HARMFUL_PROMPTS, metavar="FILE",
         help="harmful prompts: .txt (one per line), .json, .jsonl, .csv or .parquet (default: data/harmful.txt)",
     )
     parser.add_argument(
-        "--data-harmless", type=Path, default=DEFAULT_HARMLESS_PROMPTS,
+        "--data-harmless", type=Path, default=DEFAULT_HARMLESS_PROMPTS, metavar="FILE",
         help="harmless prompts, same formats (default: data/harmless.txt)",
     )
     parser.add_argument(
-        "--max-prompts", type=_positive_integer, default=None,
+        "--max-prompts", type=_positive_integer, default=None, metavar="N",
         help="use only the first N prompts of each file (default: all)",
     )
     parser.add_argument(
         "--projected", action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
     )
-    parser.add_argument("--system-prompt", default=None, help="system message placed before every prompt")
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt")
     parser.add_argument(
         "--no-chat-template", action="store_true",
         help="tokenise the raw prompts instead of formatting them with the model's chat template",
