@@ -168,7 +168,8 @@ def load_model(model_directory: Path, options: ModelLoadOptions, label: str) -> 
     check_memory(model_directory, config, dtype, quantization, checkpoint_method, options, label)
     keyword_arguments: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
     if quantization:
-        keyword_arguments["quantization_config"] = bitsandbytes_config(quantization, dtype)
+        may_spill_to_cpu = torch.cuda.is_available() and device_map in ("auto", "balanced", "sequential")
+        keyword_arguments["quantization_config"] = bitsandbytes_config(quantization, dtype, may_spill_to_cpu)
         _show_bitsandbytes_cast_warning_once()
     attention = _attention_implementation(options, device_map)
     try:
@@ -235,13 +236,17 @@ def checkpoint_quantization_method(config: PretrainedConfig) -> str | None:
     return str(method) if method else "unknown"
 
 
-def bitsandbytes_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+def bitsandbytes_config(quantization: str, dtype: torch.dtype, may_spill_to_cpu: bool = False) -> BitsAndBytesConfig:
+    """bitsandbytes settings; `may_spill_to_cpu` lets layers that do not fit the GPUs run unquantised
+    on the CPU instead of failing to load (only meaningful with a GPU: on a CPU-only machine the
+    same setting would leave every layer unquantised)."""
     if quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            llm_int8_enable_fp32_cpu_offload=may_spill_to_cpu,
         )
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=may_spill_to_cpu)
     raise UserError(f"quantisation {quantization!r}: unknown; allowed: {', '.join(QUANTIZATIONS)}")
 
 
