@@ -8,12 +8,21 @@ last layer's output directly instead.
 
 Only the last position of each layer's residual is kept (a clone of [batch, hidden]), never the
 full-sequence hidden states, and the model runs as plain forward passes of its base model: no
-`generate()`, no KV cache, no logits. Prompts are sorted by length (longest first, so a batch
-size that fits the first batch fits them all) and padded on the left with explicit position
-ids, so a prompt's contribution does not depend on its batch or the batch size.
+`generate()`, no logits. Prompts are sorted by length (longest first, so a batch size that fits
+the first batch fits them all) and padded on the left with explicit position ids, so a prompt's
+contribution does not depend on its batch or the batch size.
+
+Shared prefix: every chat-formatted prompt starts with the same tokens (BOS, the user-turn
+header, often a long system preamble: GPT-OSS's harmony format, Llama 3's date header,
+`--system-prompt`). Those are run once; their keys and values are handed to every batch as a
+cache, so only each prompt's own tokens are computed again. Causal attention makes this exact.
+The padding then sits between prefix and prompt, masked; for sliding-window attention, whose
+window counts token slots, this is exact only while prefix + longest prompt fit in the window,
+so longer batches run without the shared prefix.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,10 +30,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from lib.chat_format import left_pad
-from lib.errors import UserError
+from lib.errors import UserError, warn
 from lib.loading import cpu_available_bytes, decoder_layers, input_device, text_config
 
 AUTOMATIC_BATCH_SIZE_LIMIT = 256
@@ -146,6 +155,8 @@ def activation_bytes_per_sequence(model: PreTrainedModel, length: int) -> int:
     )
     element_size = max(next(model.parameters()).element_size(), 2)  # quantised weights still compute in >= 16 bit
     per_token = element_size * (8 * hidden + 4 * intermediate + 2 * head_dim * (heads + 2 * key_value_heads))
+    # keys and values of every layer, kept for one forward pass when a shared prefix is used
+    per_token += element_size * 2 * key_value_heads * head_dim * config.num_hidden_layers
     attention_scores = 4 * heads * length  # one float32 score row per head (eager attention's worst case)
     return length * (per_token + attention_scores)
 
@@ -193,16 +204,92 @@ def _release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def common_prefix_length(token_id_lists: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving at least each prompt's last token outside the prefix."""
+    first = token_id_lists[0]
+    shortest = min(len(ids) for ids in token_id_lists)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == first[length] for ids in token_id_lists):
+        length += 1
+    return length
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The attention window of sliding-window layers, if the model has any."""
+    config = text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if not window or (layer_types and not any("sliding" in layer_type for layer_type in layer_types)):
+        return None
+    return int(window)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The keys and values of the tokens all prompts start with, computed once (batch of one)."""
+
+    length: int
+    cache: Cache
+    window: int | None
+
+    def fits(self, suffix_length: int) -> bool:
+        return self.window is None or self.length + suffix_length <= self.window
+
+    def cache_for_batch(self, batch_size: int) -> Cache:
+        cache = copy.deepcopy(self.cache)  # each forward appends its own keys and values
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+def compute_shared_prefix(
+    model: PreTrainedModel, capture: "LastTokenCapture", token_id_lists: Sequence[Sequence[int]]
+) -> SharedPrefix | None:
+    length = common_prefix_length(token_id_lists)
+    if length == 0:
+        return None
+    prefix = torch.tensor([list(token_id_lists[0][:length])], device=input_device(model))
+    try:
+        output = model.base_model(input_ids=prefix, position_ids=torch.arange(length, device=prefix.device)[None],
+                                  use_cache=True)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        warn(f"{type(model).__name__} cannot reuse a cached prompt prefix ({error}); running whole prompts")
+        return None
+    finally:
+        capture.clear()  # the prefix's own residuals are no prompt's last token
+    cache = getattr(output, "past_key_values", None)
+    return SharedPrefix(length, cache, sliding_window(model)) if isinstance(cache, Cache) else None
+
+
+def batch_inputs(
+    rows: Sequence[Sequence[int]], prefix: SharedPrefix | None, pad_token_id: int, device: torch.device
+) -> dict[str, Any]:
+    """Model inputs for one batch: the prompts after the shared prefix with its cache, or whole prompts."""
+    if prefix is not None:
+        suffixes = left_pad([ids[prefix.length:] for ids in rows], pad_token_id)
+        if prefix.fits(suffixes.input_ids.shape[1]):
+            prefix_mask = torch.ones((len(rows), prefix.length), dtype=torch.long)
+            return {
+                "input_ids": suffixes.input_ids.to(device),
+                "attention_mask": torch.cat([prefix_mask, suffixes.attention_mask], dim=1).to(device),
+                "position_ids": (suffixes.position_ids + prefix.length).to(device),
+                "past_key_values": prefix.cache_for_batch(len(rows)),
+                "use_cache": True,
+            }
+    return {**left_pad(rows, pad_token_id).to(device).model_inputs(), "use_cache": False}
+
+
 def measure_last_token_residuals(
     model: PreTrainedModel,
     token_id_lists: Sequence[Sequence[int]],
     batch_size: int,
     pad_token_id: int,
     description: str = "prompts",
+    share_prefix: bool = True,
 ) -> ResidualStatistics:
     """Mean and variance of the last-prompt-token residual entering each layer L = 0..N.
 
     `batch_size` 0 picks the largest batch that fits (an estimate, halved on out-of-memory).
+    `share_prefix` computes the tokens all prompts start with once (exact; see the module notes).
     """
     if not token_id_lists:
         raise ValueError("no prompts to measure")
@@ -216,12 +303,12 @@ def measure_last_token_residuals(
     with LastTokenCapture(layers) as capture, torch.inference_mode(), tqdm(
         total=len(order), desc=description, unit="prompt", dynamic_ncols=True
     ) as progress:
+        prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
         start = 0
         while start < len(order):
             indices = order[start: start + sizer.size]
-            batch = left_pad([token_id_lists[index] for index in indices], pad_token_id).to(device)
             try:
-                forward(**batch.model_inputs(), use_cache=False)
+                forward(**batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device))
                 residuals = capture.take()
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
@@ -229,7 +316,6 @@ def measure_last_token_residuals(
                 residuals = None
             if residuals is None:
                 capture.clear()
-                del batch
                 sizer.shrink_after_out_of_memory()
                 _release_cached_memory(device)
                 progress.set_postfix(batch_size=sizer.size)

@@ -11,7 +11,7 @@ from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
 from lib.errors import UserError
 from lib.loading import decoder_layers
 from lib.measurements import load_measurements
-from lib.residual_capture import measure_last_token_residuals
+from lib.residual_capture import common_prefix_length, length_sorted_order, measure_last_token_residuals
 from tests.fixtures import build_prequantized_fixture
 from tests.measure_helpers import (
     HARMFUL_PROMPTS,
@@ -23,7 +23,9 @@ from tests.measure_helpers import (
 )
 
 TOLERANCE = 1e-4
-FAMILIES = ["llama", "gpt_oss", "gemma3_text", "gemma3"]
+# gpt_oss twice: its fixture's 16-token sliding window is shorter than the prompts, so batches run
+# whole prompts; with a 512-token window they reuse the shared prefix's cache.
+FAMILIES = [("llama", {}), ("gpt_oss", {}), ("gpt_oss", {"sliding_window": 512}), ("gemma3_text", {}), ("gemma3", {})]
 
 
 def _assert_matches_direct(measured: dict, harmful: torch.Tensor, harmless: torch.Tensor, label: str) -> None:
@@ -39,9 +41,12 @@ def _assert_matches_direct(measured: dict, harmful: torch.Tensor, harmless: torc
         assert_close_relative(measured[f"refuse_{layer}"], refusal, TOLERANCE, f"{label} refuse_{layer}")
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_means_equal_direct_forward_for_every_batch_size(tiny_model, tmp_path: Path, model_type: str) -> None:
-    directory = tiny_model(model_type)
+@pytest.mark.parametrize("model_type, options", FAMILIES, ids=lambda value: value if isinstance(value, str) else
+                         "-".join(f"{key}{item}" for key, item in value.items()) or "default")
+def test_means_equal_direct_forward_for_every_batch_size(
+    tiny_model, tmp_path: Path, model_type: str, options: dict
+) -> None:
+    directory = tiny_model(model_type, **options)
     harmful = direct_last_token_residuals(directory, HARMFUL_PROMPTS)
     harmless = direct_last_token_residuals(directory, HARMLESS_PROMPTS)
     for batch_size in (1, 3, 8, 0):
@@ -158,10 +163,46 @@ def test_automatic_batch_size_backs_off_on_out_of_memory(tiny_model) -> None:
     handle = decoder_layers(model)[0].register_forward_pre_hook(_out_of_memory_above(2, attempted), with_kwargs=True)
     try:
         statistics = measure_last_token_residuals(model, token_ids, 0, pad_token_id_of(tokenizer))
-        assert attempted[0] > 2 and attempted[-1] <= 2 and statistics.count == len(HARMFUL_PROMPTS)
+        assert max(attempted) > 2 and attempted[-1] <= 2 and statistics.count == len(HARMFUL_PROMPTS)
         direct = direct_last_token_residuals(directory, HARMFUL_PROMPTS)
         assert_close_relative(statistics.mean, direct.mean(0), TOLERANCE, "mean after back-off")
         with pytest.raises(UserError, match="--batch-size 4: out of memory"):
             measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer))
     finally:
         handle.remove()
+
+
+def _recording_lengths(lengths: list[int]):
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+    return hook
+
+
+@pytest.mark.parametrize("model_type, options, shares", [("llama", {}, True), ("gpt_oss", {}, False)])
+def test_shared_prefix_is_computed_once(tiny_model, model_type: str, options: dict, shares: bool) -> None:
+    directory = tiny_model(model_type, **options)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    token_ids = tokenize_chat_prompts(tokenizer, HARMFUL_PROMPTS)
+    prefix = common_prefix_length(token_ids)
+    assert tokenizer.decode(token_ids[0][:prefix]) == "<bos><|start|>user\n"
+    lengths: list[int] = []
+    handle = decoder_layers(model)[0].register_forward_pre_hook(_recording_lengths(lengths), with_kwargs=True)
+    try:
+        shared = measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer))
+    finally:
+        handle.remove()
+    longest_per_batch = [max(len(token_ids[index]) for index in batch) for batch in
+                         (length_sorted_order(token_ids)[start: start + 4] for start in range(0, len(token_ids), 4))]
+    assert lengths[0] == prefix
+    # gpt_oss's 16-token sliding window is shorter than prefix + prompt, so it runs whole prompts.
+    expected = [length - prefix for length in longest_per_batch] if shares else longest_per_batch
+    assert lengths[1:] == expected
+    whole = measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer), share_prefix=False)
+    assert_close_relative(shared.mean, whole.mean, TOLERANCE, "shared prefix vs whole prompts")
+
+
+def test_common_prefix_keeps_every_last_token() -> None:
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token
+    assert common_prefix_length([[7], [7]]) == 0
