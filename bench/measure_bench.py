@@ -18,7 +18,7 @@ itself (VmHWM after resetting it through /proc/self/clear_refs once the model is
 The model (~150M parameters, bf16, several safetensors shards, random weights) is built once with
 tests/fixtures.build_fixture under bench/work/ (git-ignored).
 
-    python bench/measure_bench.py [--prompts 512] [--batch-size 32]
+    python bench/measure_bench.py [--prompts 512] [--batch-size 32] [--repeats 3] [--threads 1]
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=512, help="number of prompts, half harmful, half harmless")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of both approaches")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each approach, interleaved; the fastest counts (other work shares the CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in each run (default 1: CPU time then measures work, not contention)")
