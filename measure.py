@@ -3,6 +3,7 @@
 Writes the `.pt` measurement file of docs/SPEC.md §2 (llm-abliteration compatible keys plus
 per-dimension variances and `meta`). See docs/measure.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,34 +38,60 @@ def _non_negative_integer(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Measure the refusal direction of every layer of a causal LM: the mean residual stream at "
-                    "the last prompt token for harmful vs harmless prompts, written as a .pt file.",
-    )
-    parser.add_argument("--model", "-m", required=True, metavar="MODEL", help="local model directory or a hub id in the local cache")
-    parser.add_argument("--output", "-o", required=True, type=Path, metavar="FILE", help="measurement file to write (.pt)")
-    parser.add_argument(
-        "--batch-size", type=_non_negative_integer, default=0, metavar="N",
-        help="prompts per forward pass; 0 (default) = automatic: the largest batch that fits, halved on out-of-memory",
+        description="Measure the refusal direction of every layer of a causal LM: the mean residual "
+        "stream at the last prompt token for harmful vs harmless prompts, written as a .pt file.",
     )
     parser.add_argument(
-        "--data-harmful", type=Path, default=DEFAULT_HARMFUL_PROMPTS, metavar="FILE",
-        help="harmful prompts: .txt (one per line), .json, .jsonl, .csv or .parquet (default: data/harmful.txt)",
+        "--model",
+        "-m",
+        required=True,
+        metavar="MODEL",
+        help="local model directory or a hub id in the local cache",
     )
     parser.add_argument(
-        "--data-harmless", type=Path, default=DEFAULT_HARMLESS_PROMPTS, metavar="FILE",
+        "--output", "-o", required=True, type=Path, metavar="FILE", help="measurement file to write (.pt)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_non_negative_integer,
+        default=0,
+        metavar="N",
+        help="prompts per forward pass; 0 (default) = automatic: the largest batch that fits, "
+        "halved on out-of-memory",
+    )
+    parser.add_argument(
+        "--data-harmful",
+        type=Path,
+        default=DEFAULT_HARMFUL_PROMPTS,
+        metavar="FILE",
+        help="harmful prompts: .txt (one per line), .json, .jsonl, .csv or .parquet "
+        "(default: data/harmful.txt)",
+    )
+    parser.add_argument(
+        "--data-harmless",
+        type=Path,
+        default=DEFAULT_HARMLESS_PROMPTS,
+        metavar="FILE",
         help="harmless prompts, same formats (default: data/harmless.txt)",
     )
     parser.add_argument(
-        "--max-prompts", type=_positive_integer, default=None, metavar="N",
+        "--max-prompts",
+        type=_positive_integer,
+        default=None,
+        metavar="N",
         help="use only the first N prompts of each file (default: all)",
     )
     parser.add_argument(
-        "--projected", action="store_true",
+        "--projected",
+        action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
     )
-    parser.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt")
     parser.add_argument(
-        "--no-chat-template", action="store_true",
+        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
+    )
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
         help="tokenise the raw prompts instead of formatting them with the model's chat template",
     )
     add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "-q"))
@@ -77,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_writable_destination(arguments.output, "--output")
     prompt_files = {"harmful": arguments.data_harmful, "harmless": arguments.data_harmless}
     prompts = {
-        name: load_prompts(path, f"--data-{name}")[: arguments.max_prompts] for name, path in prompt_files.items()
+        name: load_prompts(path, f"--data-{name}")[: arguments.max_prompts]
+        for name, path in prompt_files.items()
     }
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
@@ -113,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device_map": options.device_map,
         },
     )
-    measurements = refusal_measurements(statistics["harmful"], statistics["harmless"], arguments.projected, meta)
+    measurements = refusal_measurements(
+        statistics["harmful"], statistics["harmless"], arguments.projected, meta
+    )
     save_measurements(measurements, arguments.output)
     print(
         f"wrote {arguments.output}: {measurements.num_layers} layers (L = 0..{measurements.num_layers}), "

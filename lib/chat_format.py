@@ -5,6 +5,7 @@ tokens: many templates (Llama 3, Gemma, ...) already write BOS while the tokeniz
 post-processor would prepend another, and a doubled BOS shifts every activation. Where the
 template does not write BOS but the tokenizer normally starts with one, BOS is added once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ def render_chat_prompts(
     require_chat_template(tokenizer, "--model")
     try:
         return [
-            tokenizer.apply_chat_template(chat_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                chat_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True
+            )
             for prompt in prompts
         ]
     except TemplateError as error:
@@ -94,11 +97,19 @@ class PaddedBatch:
     position_ids: torch.Tensor  # [batch, length] long, counting from 0 at each row's first real token
 
     def to(self, device: torch.device | str) -> "PaddedBatch":
-        return PaddedBatch(*(tensor.to(device, non_blocking=True) for tensor in
-                             (self.input_ids, self.attention_mask, self.position_ids)))
+        return PaddedBatch(
+            *(
+                tensor.to(device, non_blocking=True)
+                for tensor in (self.input_ids, self.attention_mask, self.position_ids)
+            )
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
 
 
 def pad_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -121,7 +132,7 @@ def left_pad(token_id_lists: Sequence[Sequence[int]], pad_token_id: int) -> Padd
     input_ids = torch.full((len(token_id_lists), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(token_id_lists), length), dtype=torch.long)
     for row, ids in enumerate(token_id_lists):
-        input_ids[row, length - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[row, length - len(ids):] = 1
+        input_ids[row, length - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return PaddedBatch(input_ids, attention_mask, position_ids)

@@ -13,6 +13,7 @@ their own `quantization_config`; transformers dequantises MXFP4/FP8 where no ker
 Multimodal wrappers load through their image-text class; `decoder_layers` finds the text
 decoder stack wherever the wrapper keeps it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,23 +104,31 @@ def add_model_loading_arguments(
     """
     group = parser.add_argument_group("model loading")
     group.add_argument(
-        "--dtype", choices=list(DTYPES), default="auto",
+        "--dtype",
+        choices=list(DTYPES),
+        default="auto",
         help="dtype of the weights and activations (default: auto, the checkpoint's own dtype)",
     )
     group.add_argument(
-        "--device-map", choices=DEVICE_MAPS, default="auto",
+        "--device-map",
+        choices=DEVICE_MAPS,
+        default="auto",
         help="where the layers go: auto/balanced/sequential spread them over all GPUs and then CPU RAM "
-             "(accelerate), cpu or cuda put everything on one device (default: auto; CPU when no GPU)",
+        "(accelerate), cpu or cuda put everything on one device (default: auto; CPU when no GPU)",
     )
     group.add_argument(
-        *quantization_flags, dest="quantization", choices=QUANTIZATIONS, default=None,
+        *quantization_flags,
+        dest="quantization",
+        choices=QUANTIZATIONS,
+        default=None,
         help="load the weights quantised with bitsandbytes (4bit NF4 or 8bit) to fit a big model "
-             "in less memory; works on CPU and CUDA; ignored for checkpoints that are already quantised",
+        "in less memory; works on CPU and CUDA; ignored for checkpoints that are already quantised",
     )
     group.add_argument(
-        "--flash-attn", action="store_true",
+        "--flash-attn",
+        action="store_true",
         help="use FlashAttention 2 (needs CUDA and the flash-attn package); falls back to the default "
-             "attention with a warning where it is unavailable",
+        "attention with a warning where it is unavailable",
     )
     parser.set_defaults(quantization_flag=quantization_flags[0])
 
@@ -162,8 +171,10 @@ def load_model(model_directory: Path, options: ModelLoadOptions, label: str) -> 
     checkpoint_method = checkpoint_quantization_method(config)
     quantization = options.quantization
     if quantization and checkpoint_method:
-        warn(f"{label}: the checkpoint is already quantised ({checkpoint_method}); "
-             f"ignoring {options.quantization_flag} {quantization}")
+        warn(
+            f"{label}: the checkpoint is already quantised ({checkpoint_method}); "
+            f"ignoring {options.quantization_flag} {quantization}"
+        )
         quantization = None
     check_memory(model_directory, config, dtype, quantization, checkpoint_method, options, label)
     keyword_arguments: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
@@ -184,7 +195,11 @@ def load_model(model_directory: Path, options: ModelLoadOptions, label: str) -> 
 
 
 def _from_pretrained(
-    model_class: type, model_directory: Path, keyword_arguments: dict[str, Any], attention: str | None, label: str
+    model_class: type,
+    model_directory: Path,
+    keyword_arguments: dict[str, Any],
+    attention: str | None,
+    label: str,
 ) -> PreTrainedModel:
     if attention is not None:
         keyword_arguments = {**keyword_arguments, "attn_implementation": attention}
@@ -199,7 +214,9 @@ def _model_class(config: PretrainedConfig, label: str) -> type:
         return AutoModelForCausalLM
     if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return AutoModelForImageTextToText
-    raise UserError(f"{label}: model type '{config.model_type}' is not a causal language model known to transformers")
+    raise UserError(
+        f"{label}: model type '{config.model_type}' is not a causal language model known to transformers"
+    )
 
 
 def _device_map(options: ModelLoadOptions) -> str:
@@ -236,13 +253,18 @@ def checkpoint_quantization_method(config: PretrainedConfig) -> str | None:
     return str(method) if method else "unknown"
 
 
-def bitsandbytes_config(quantization: str, dtype: torch.dtype, may_spill_to_cpu: bool = False) -> BitsAndBytesConfig:
+def bitsandbytes_config(
+    quantization: str, dtype: torch.dtype, may_spill_to_cpu: bool = False
+) -> BitsAndBytesConfig:
     """bitsandbytes settings; `may_spill_to_cpu` lets layers that do not fit the GPUs run unquantised
     on the CPU instead of failing to load (only meaningful with a GPU: on a CPU-only machine the
     same setting would leave every layer unquantised)."""
     if quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
             llm_int8_enable_fp32_cpu_offload=may_spill_to_cpu,
         )
     if quantization == "8bit":
@@ -288,6 +310,7 @@ def _attention_implementation(options: ModelLoadOptions, device_map: str) -> str
 
 def _show_bitsandbytes_cast_warning_once() -> None:
     """bitsandbytes logs the same 8-bit input-cast notice on every matmul; keep the first one."""
+
     class OncePerMessage(logging.Filter):
         def __init__(self) -> None:
             super().__init__()
@@ -350,7 +373,9 @@ def available_memory(device_map: str) -> DeviceMemory:
     if device_map == "cuda":
         current = torch.cuda.current_device()
         return DeviceMemory(gpu_free[current], f"GPU {current}", includes_gpu=True)
-    return DeviceMemory(sum(gpu_free) + cpu_free, f"{len(gpu_free)} GPU(s) and CPU RAM together", includes_gpu=True)
+    return DeviceMemory(
+        sum(gpu_free) + cpu_free, f"{len(gpu_free)} GPU(s) and CPU RAM together", includes_gpu=True
+    )
 
 
 def check_memory(
@@ -382,10 +407,13 @@ def check_memory(
     if options.device_map in ("cpu", "cuda"):
         suggestions.append("--device-map auto to spread the layers over all GPUs and CPU RAM")
     else:
-        suggestions.append("a machine with more memory (--device-map auto already uses every GPU and CPU RAM)")
+        suggestions.append(
+            "a machine with more memory (--device-map auto already uses every GPU and CPU RAM)"
+        )
     raise UserError(
         f"{label}: the weights need about {_gib(needed)} {described} (plus "
-        f"{MEMORY_HEADROOM_FRACTION:.0%} headroom) but {memory.description} has only {_gib(memory.free_bytes)} free; "
+        f"{MEMORY_HEADROOM_FRACTION:.0%} headroom) but {memory.description} has only "
+        f"{_gib(memory.free_bytes)} free; "
         f"try {' or '.join(suggestions)}"
     )
 
@@ -406,7 +434,9 @@ def cpu_available_bytes() -> int:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The text decoder layers of `model`, also inside multimodal wrappers (`language_model`)."""
-    expected = getattr(text_config(model.config), "num_hidden_layers", None) if hasattr(model, "config") else None
+    expected = (
+        getattr(text_config(model.config), "num_hidden_layers", None) if hasattr(model, "config") else None
+    )
     for path in DECODER_LAYER_PATHS:
         candidate: Any = model
         for attribute in path.split("."):
@@ -416,7 +446,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(candidate, nn.ModuleList) and (expected is None or len(candidate) == expected):
             return candidate
     raise UserError(
-        f"cannot find the decoder layers of {type(model).__name__}; looked for {', '.join(DECODER_LAYER_PATHS)}"
+        f"cannot find the decoder layers of {type(model).__name__}; "
+        f"looked for {', '.join(DECODER_LAYER_PATHS)}"
     )
 
 

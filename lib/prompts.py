@@ -8,6 +8,7 @@ Formats (chosen by the file's extension):
   .parquet  a `text` or `prompt` column
 Prompts that are empty or only whitespace are dropped in every format.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,7 +46,9 @@ def _prompt_from_item(item: Any, where: str) -> str:
         for field in OBJECT_FIELDS:
             if isinstance(item.get(field), str):
                 return item[field]
-    raise _BadPromptFile(f"{where} is neither a string nor an object with a {_quoted(OBJECT_FIELDS)} string field")
+    raise _BadPromptFile(
+        f"{where} is neither a string nor an object with a {_quoted(OBJECT_FIELDS)} string field"
+    )
 
 
 def _json_prompts(path: Path) -> list[str]:

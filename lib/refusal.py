@@ -1,4 +1,5 @@
 """Refusal directions from harmful and harmless residual statistics (docs/SPEC.md §2, §4)."""
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -26,7 +27,9 @@ def unit_or_zero(vector: torch.Tensor) -> torch.Tensor:
     return vector / norm if norm > 0 else torch.zeros_like(vector)
 
 
-def refusal_direction(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, projected: bool) -> torch.Tensor:
+def refusal_direction(
+    harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, projected: bool
+) -> torch.Tensor:
     """Unit `harmful - harmless`; with `projected`, first orthogonalised against the harmless mean."""
     refusal = harmful_mean.double() - harmless_mean.double()
     if projected:
@@ -40,7 +43,9 @@ def refusal_measurements(
 ) -> Measurements:
     """Per-layer means, variances, raw and unit refusal directions for L = 0..N (computed in float64)."""
     if harmful.mean.shape != harmless.mean.shape:
-        raise ValueError(f"harmful {tuple(harmful.mean.shape)} and harmless {tuple(harmless.mean.shape)} differ")
+        raise ValueError(
+            f"harmful {tuple(harmful.mean.shape)} and harmless {tuple(harmless.mean.shape)} differ"
+        )
     layers = {}
     for index in range(harmful.mean.shape[0]):
         harmful_mean, harmless_mean = harmful.mean[index], harmless.mean[index]
@@ -79,7 +84,10 @@ def measurement_meta(
         "prompt_sha256": {name: file_sha256(path) for name, path in prompt_files.items()},
         "projected": projected,
         "position": "last prompt token (after the generation prompt)",
-        "index_convention": "L = residual entering decoder layer L; 0 = embedding output, N = last layer output before the final norm",
+        "index_convention": (
+            "L = residual entering decoder layer L; 0 = embedding output, "
+            "N = last layer output before the final norm"
+        ),
         "variance": "per-dimension sample variance (divisor n - 1)",
         **settings,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -20,6 +20,7 @@ The padding then sits between prefix and prompt, masked; for sliding-window atte
 window counts token slots, this is exact only while prefix + longest prompt fit in the window,
 so longer batches run without the shared prefix.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,7 +77,9 @@ class WelfordAccumulator:
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * (batch_count / total)
         self.squared_deviations = (
-            self.squared_deviations + batch_squared_deviations + delta.square() * (self.count * batch_count / total)
+            self.squared_deviations
+            + batch_squared_deviations
+            + delta.square() * (self.count * batch_count / total)
         )
         self.count = total
 
@@ -84,7 +87,9 @@ class WelfordAccumulator:
         if self.mean is None or self.squared_deviations is None:
             raise ValueError("no samples were accumulated")
         variance = (
-            self.squared_deviations / (self.count - 1) if self.count > 1 else torch.zeros_like(self.squared_deviations)
+            self.squared_deviations / (self.count - 1)
+            if self.count > 1
+            else torch.zeros_like(self.squared_deviations)
         )
         return ResidualStatistics(self.count, self.mean.clone(), variance)
 
@@ -126,8 +131,12 @@ class LastTokenCapture:
     def take(self) -> torch.Tensor:
         missing = [index for index, tensor in enumerate(self.captured) if tensor is None]
         if missing:
-            raise RuntimeError(f"residuals at positions {missing} were not captured; the model skipped layers")
-        residuals = torch.stack([tensor.to("cpu", torch.float64) for tensor in self.captured if tensor is not None])
+            raise RuntimeError(
+                f"residuals at positions {missing} were not captured; the model skipped layers"
+            )
+        residuals = torch.stack(
+            [tensor.to("cpu", torch.float64) for tensor in self.captured if tensor is not None]
+        )
         self.clear()
         return residuals
 
@@ -153,7 +162,9 @@ def activation_bytes_per_sequence(model: PreTrainedModel, length: int) -> int:
         (getattr(config, "moe_intermediate_size", 0) or 0) * experts_per_token,
         hidden,
     )
-    element_size = max(next(model.parameters()).element_size(), 2)  # quantised weights still compute in >= 16 bit
+    element_size = max(
+        next(model.parameters()).element_size(), 2
+    )  # quantised weights still compute in >= 16 bit
     per_token = element_size * (8 * hidden + 4 * intermediate + 2 * head_dim * (heads + 2 * key_value_heads))
     # keys and values of every layer, kept for one forward pass when a shared prefix is used
     per_token += element_size * 2 * key_value_heads * head_dim * config.num_hidden_layers
@@ -168,7 +179,7 @@ def free_memory_near(device: torch.device) -> int:
 
 
 def automatic_batch_size(model: PreTrainedModel, longest_prompt: int, prompt_count: int) -> int:
-    """The starting size for `--batch-size 0`: as many of the longest prompts as half the free memory holds."""
+    """The starting size for `--batch-size 0`: as many longest prompts as half the free memory holds."""
     budget = free_memory_near(input_device(model)) * AUTOMATIC_BATCH_MEMORY_FRACTION
     fitting = int(budget // activation_bytes_per_sequence(model, longest_prompt))
     return max(1, min(fitting, prompt_count, AUTOMATIC_BATCH_SIZE_LIMIT))
@@ -177,19 +188,25 @@ def automatic_batch_size(model: PreTrainedModel, longest_prompt: int, prompt_cou
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES)
+    return isinstance(error, RuntimeError) and any(
+        text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES
+    )
 
 
 class BatchSizer:
     """The batch size in use: fixed as requested, or automatic (start from an estimate, halve on OOM)."""
 
-    def __init__(self, requested: int, model: PreTrainedModel, longest_prompt: int, prompt_count: int) -> None:
+    def __init__(
+        self, requested: int, model: PreTrainedModel, longest_prompt: int, prompt_count: int
+    ) -> None:
         self.automatic = requested == 0
         self.size = automatic_batch_size(model, longest_prompt, prompt_count) if self.automatic else requested
 
     def shrink_after_out_of_memory(self) -> None:
         if not self.automatic:
-            raise UserError(f"--batch-size {self.size}: out of memory; use a smaller --batch-size, or 0 to find one")
+            raise UserError(
+                f"--batch-size {self.size}: out of memory; use a smaller --batch-size, or 0 to find one"
+            )
         if self.size == 1:
             raise UserError(
                 "out of memory with one prompt per batch; load the model in less memory "
@@ -249,8 +266,9 @@ def compute_shared_prefix(
         return None
     prefix = torch.tensor([list(token_id_lists[0][:length])], device=input_device(model))
     try:
-        output = model.base_model(input_ids=prefix, position_ids=torch.arange(length, device=prefix.device)[None],
-                                  use_cache=True)
+        output = model.base_model(
+            input_ids=prefix, position_ids=torch.arange(length, device=prefix.device)[None], use_cache=True
+        )
     except (TypeError, ValueError, NotImplementedError) as error:
         warn(f"{type(model).__name__} cannot reuse a cached prompt prefix ({error}); running whole prompts")
         return None
@@ -265,7 +283,7 @@ def batch_inputs(
 ) -> dict[str, Any]:
     """Model inputs for one batch: the prompts after the shared prefix with its cache, or whole prompts."""
     if prefix is not None:
-        suffixes = left_pad([ids[prefix.length:] for ids in rows], pad_token_id)
+        suffixes = left_pad([ids[prefix.length :] for ids in rows], pad_token_id)
         if prefix.fits(suffixes.input_ids.shape[1]):
             prefix_mask = torch.ones((len(rows), prefix.length), dtype=torch.long)
             return {
@@ -300,15 +318,19 @@ def measure_last_token_residuals(
     # The base model stops after the final norm: the output head's logits are never computed.
     forward = model.base_model
     accumulator = WelfordAccumulator()
-    with LastTokenCapture(layers) as capture, torch.inference_mode(), tqdm(
-        total=len(order), desc=description, unit="prompt", dynamic_ncols=True
-    ) as progress:
+    with (
+        LastTokenCapture(layers) as capture,
+        torch.inference_mode(),
+        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+    ):
         prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
         start = 0
         while start < len(order):
-            indices = order[start: start + sizer.size]
+            indices = order[start : start + sizer.size]
             try:
-                forward(**batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device))
+                forward(
+                    **batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device)
+                )
                 residuals = capture.take()
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):

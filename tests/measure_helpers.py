@@ -1,4 +1,5 @@
 """Shared helpers of the measure.py tests: prompt files, running measure in-process, the direct reference."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,19 @@ def write_prompt_files(directory: Path) -> tuple[Path, Path]:
 def run_measure(model_directory: Path, output: Path, prompt_directory: Path, *extra: str) -> dict:
     """Run measure.py's main in-process and return the written file, loaded as untrusted input would be."""
     harmful, harmless = write_prompt_files(prompt_directory)
-    status = main(["--model", str(model_directory), "--output", str(output),
-                   "--data-harmful", str(harmful), "--data-harmless", str(harmless), *extra])
+    status = main(
+        [
+            "--model",
+            str(model_directory),
+            "--output",
+            str(output),
+            "--data-harmful",
+            str(harmful),
+            "--data-harmless",
+            str(harmless),
+            *extra,
+        ]
+    )
     assert status == 0
     return torch.load(output, weights_only=True)
 
@@ -74,11 +86,17 @@ def direct_last_token_residuals(model_directory: Path, prompts: list[str], **loa
     return torch.stack(rows)
 
 
-def assert_close_relative(measured: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+def assert_close_relative(
+    measured: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str
+) -> None:
     """Element-wise agreement to `tolerance` relative to the largest magnitude of `expected`."""
     scale = float(expected.abs().max())
     torch.testing.assert_close(
-        measured.double(), expected.double(), rtol=tolerance, atol=tolerance * scale, msg=lambda text: f"{what}: {text}"
+        measured.double(),
+        expected.double(),
+        rtol=tolerance,
+        atol=tolerance * scale,
+        msg=lambda text: f"{what}: {text}",
     )
 
 

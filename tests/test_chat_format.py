@@ -1,4 +1,5 @@
 """Chat formatting gives exactly one BOS; left padding keeps each row's tokens and positions intact."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,9 @@ PROMPTS = ["hi", "How do I bake bread at home?"]
 def test_template_that_starts_with_bos_yields_exactly_one_bos() -> None:
     tokenizer = build_tokenizer()
     assert CHAT_TEMPLATE.startswith("{{ bos_token }}")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert tokenizer(rendered)["input_ids"][:2] == [tokenizer.bos_token_id] * 2  # the trap being avoided
     for ids, prompt in zip(tokenize_chat_prompts(tokenizer, PROMPTS), PROMPTS):
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
@@ -32,7 +35,9 @@ def test_template_without_bos_gets_the_tokenizers_bos_once() -> None:
 def test_tokenizer_without_bos_convention_gets_none() -> None:
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "")
-    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # Qwen style: no BOS
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(
+        trim_offsets=False
+    )  # Qwen style: no BOS
     for ids in tokenize_chat_prompts(tokenizer, PROMPTS):
         assert tokenizer.bos_token_id not in ids
 
@@ -49,7 +54,9 @@ def test_system_prompt_and_raw_mode() -> None:
 def test_missing_chat_template_is_a_user_error() -> None:
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None
-    with pytest.raises(UserError, match="--model x: the tokenizer has no chat template; pass --no-chat-template"):
+    with pytest.raises(
+        UserError, match="--model x: the tokenizer has no chat template; pass --no-chat-template"
+    ):
         require_chat_template(tokenizer, "--model x")
 
 

@@ -1,4 +1,5 @@
 """Shared model loading: flags, memory estimate against the real footprint, decoder layers everywhere."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,20 +28,30 @@ def test_flags_parse_into_options_with_the_callers_quantisation_flag() -> None:
         parser.parse_args(["-q", "8bit", "--dtype", "bfloat16", "--device-map", "cpu", "--flash-attn"])
     )
     assert options == ModelLoadOptions("bfloat16", "cpu", "8bit", True, "--quant-measure")
-    assert ModelLoadOptions.from_arguments(parser.parse_args([])) == ModelLoadOptions(quantization_flag="--quant-measure")
+    assert ModelLoadOptions.from_arguments(parser.parse_args([])) == ModelLoadOptions(
+        quantization_flag="--quant-measure"
+    )
     evaluate_parser = argparse.ArgumentParser()
     add_model_loading_arguments(evaluate_parser)
-    assert ModelLoadOptions.from_arguments(evaluate_parser.parse_args(["--quant", "4bit"])).quantization == "4bit"
+    assert (
+        ModelLoadOptions.from_arguments(evaluate_parser.parse_args(["--quant", "4bit"])).quantization
+        == "4bit"
+    )
 
 
 @pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
 def test_weight_estimate_matches_the_loaded_footprint(tiny_model, quantization: str | None) -> None:
     directory = tiny_model("gemma3_text")
-    model, _ = load_model_and_tokenizer(str(directory), ModelLoadOptions(device_map="cpu", quantization=quantization))
+    model, _ = load_model_and_tokenizer(
+        str(directory), ModelLoadOptions(device_map="cpu", quantization=quantization)
+    )
     estimate = estimate_weight_bytes(AutoConfig.from_pretrained(directory), torch.float32, quantization)
     assert estimate == pytest.approx(model.get_memory_footprint(), rel=0.1)
-    assert quantization_description(model) == (None if quantization is None else
-                                                {"4bit": "bitsandbytes 4bit nf4", "8bit": "bitsandbytes 8bit"}[quantization])
+    assert quantization_description(model) == (
+        None
+        if quantization is None
+        else {"4bit": "bitsandbytes 4bit nf4", "8bit": "bitsandbytes 8bit"}[quantization]
+    )
 
 
 def test_dtype_flag_overrides_the_checkpoint(tiny_model) -> None:

@@ -1,4 +1,5 @@
 """measure.py against transformers' own forward pass: exact means and variances at every layer."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,13 @@ from tests.measure_helpers import (
 TOLERANCE = 1e-4
 # gpt_oss twice: its fixture's 16-token sliding window is shorter than the prompts, so batches run
 # whole prompts; with a 512-token window they reuse the shared prefix's cache.
-FAMILIES = [("llama", {}), ("gpt_oss", {}), ("gpt_oss", {"sliding_window": 512}), ("gemma3_text", {}), ("gemma3", {})]
+FAMILIES = [
+    ("llama", {}),
+    ("gpt_oss", {}),
+    ("gpt_oss", {"sliding_window": 512}),
+    ("gemma3_text", {}),
+    ("gemma3", {}),
+]
 
 
 def _assert_matches_direct(measured: dict, harmful: torch.Tensor, harmless: torch.Tensor, label: str) -> None:
@@ -33,16 +40,28 @@ def _assert_matches_direct(measured: dict, harmful: torch.Tensor, harmless: torc
     assert harmful.shape[1] == num_layers + 1
     for layer in range(num_layers + 1):
         for name, direct in (("harmful", harmful), ("harmless", harmless)):
-            assert_close_relative(measured[f"{name}_{layer}"], direct[:, layer].mean(0), TOLERANCE,
-                                  f"{label} {name}_{layer}")
-            assert_close_relative(measured[f"{name}_var_{layer}"], direct[:, layer].var(0), TOLERANCE,
-                                  f"{label} {name}_var_{layer}")
+            assert_close_relative(
+                measured[f"{name}_{layer}"], direct[:, layer].mean(0), TOLERANCE, f"{label} {name}_{layer}"
+            )
+            assert_close_relative(
+                measured[f"{name}_var_{layer}"],
+                direct[:, layer].var(0),
+                TOLERANCE,
+                f"{label} {name}_var_{layer}",
+            )
         refusal = harmful[:, layer].mean(0) - harmless[:, layer].mean(0)
         assert_close_relative(measured[f"refuse_{layer}"], refusal, TOLERANCE, f"{label} refuse_{layer}")
 
 
-@pytest.mark.parametrize("model_type, options", FAMILIES, ids=lambda value: value if isinstance(value, str) else
-                         "-".join(f"{key}{item}" for key, item in value.items()) or "default")
+@pytest.mark.parametrize(
+    "model_type, options",
+    FAMILIES,
+    ids=lambda value: (
+        value
+        if isinstance(value, str)
+        else "-".join(f"{key}{item}" for key, item in value.items()) or "default"
+    ),
+)
 def test_means_equal_direct_forward_for_every_batch_size(
     tiny_model, tmp_path: Path, model_type: str, options: dict
 ) -> None:
@@ -50,7 +69,9 @@ def test_means_equal_direct_forward_for_every_batch_size(
     harmful = direct_last_token_residuals(directory, HARMFUL_PROMPTS)
     harmless = direct_last_token_residuals(directory, HARMLESS_PROMPTS)
     for batch_size in (1, 3, 8, 0):
-        measured = run_measure(directory, tmp_path / f"b{batch_size}.pt", tmp_path, "--batch-size", str(batch_size))
+        measured = run_measure(
+            directory, tmp_path / f"b{batch_size}.pt", tmp_path, "--batch-size", str(batch_size)
+        )
         _assert_matches_direct(measured, harmful, harmless, f"{model_type} --batch-size {batch_size}")
         # L = 0 sees only the last token's embedding, the same for every chat-templated prompt.
         assert not measured["refuse_0"].any() and not measured["refusenorm_0"].any()
@@ -67,21 +88,29 @@ def test_last_position_is_the_last_layer_output_before_the_final_norm(tiny_model
     before_norm = direct_last_token_residuals(directory, HARMFUL_PROMPTS)[:, last]
     model = AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
-        after_norm = model.model.norm(before_norm.float()).double()  # what transformers' hidden_states[-1] holds
+        after_norm = model.model.norm(
+            before_norm.float()
+        ).double()  # what transformers' hidden_states[-1] holds
     assert_close_relative(measured[f"harmful_{last}"], before_norm.mean(0), TOLERANCE, "L = N")
     assert not torch.allclose(measured[f"harmful_{last}"].double(), after_norm.mean(0), rtol=1e-2, atol=1e-2)
 
 
 def test_file_layout_meta_and_loader(tiny_model, tmp_path: Path) -> None:
     directory = tiny_model("llama")
-    measured = run_measure(directory, tmp_path / "m.pt", tmp_path, "--max-prompts", "5", "--system-prompt", "Be brief.")
+    measured = run_measure(
+        directory, tmp_path / "m.pt", tmp_path, "--max-prompts", "5", "--system-prompt", "Be brief."
+    )
     num_layers = measured["layers"]
     expected_keys = {"layers", "meta"} | {
-        f"{prefix}_{layer}" for layer in range(num_layers + 1)
+        f"{prefix}_{layer}"
+        for layer in range(num_layers + 1)
         for prefix in ("harmful", "harmless", "refuse", "refusenorm", "harmful_var", "harmless_var")
     }
     assert set(measured) == expected_keys
-    assert all(measured[key].dtype == torch.float32 and measured[key].shape == (64,) for key in expected_keys - {"layers", "meta"})
+    assert all(
+        measured[key].dtype == torch.float32 and measured[key].shape == (64,)
+        for key in expected_keys - {"layers", "meta"}
+    )
     meta = measured["meta"]
     assert meta["model"] == str(directory) and meta["model_type"] == "llama"
     assert meta["hidden_size"] == 64 and meta["num_layers"] == num_layers == 4
@@ -100,7 +129,9 @@ def test_file_layout_meta_and_loader(tiny_model, tmp_path: Path) -> None:
 def test_system_prompt_changes_the_measurement(tiny_model, tmp_path: Path) -> None:
     directory = tiny_model("llama")
     plain = run_measure(directory, tmp_path / "a.pt", tmp_path, "--max-prompts", "4")
-    system = run_measure(directory, tmp_path / "b.pt", tmp_path, "--max-prompts", "4", "--system-prompt", "Be kind.")
+    system = run_measure(
+        directory, tmp_path / "b.pt", tmp_path, "--max-prompts", "4", "--system-prompt", "Be kind."
+    )
     assert not torch.allclose(plain["harmful_2"], system["harmful_2"])
 
 
@@ -117,7 +148,9 @@ def test_projected_direction_is_orthogonal_to_the_harmless_mean(tiny_model, tmp_
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_bitsandbytes_measurement_on_cpu_agrees_with_full_precision(tiny_model, tmp_path: Path, quantization: str) -> None:
+def test_bitsandbytes_measurement_on_cpu_agrees_with_full_precision(
+    tiny_model, tmp_path: Path, quantization: str
+) -> None:
     # gemma3_text: its sandwich norms keep a random tiny model stable enough that 4-bit weight
     # error does not snowball through the layers (it does in a random llama: cosine 0.69 at L = 4).
     directory = tiny_model("gemma3_text")
@@ -145,11 +178,13 @@ def test_prequantized_checkpoint_loads_and_measures_exactly(
 
 def _out_of_memory_above(limit: int, attempted: list[int]):
     """A forward pre-hook that fails like CUDA does when a batch is larger than `limit` prompts."""
+
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
         attempted.append(batch)
         if batch > limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     return hook
 
 
@@ -160,7 +195,9 @@ def test_automatic_batch_size_backs_off_on_out_of_memory(tiny_model) -> None:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     token_ids = tokenize_chat_prompts(tokenizer, HARMFUL_PROMPTS)
     attempted: list[int] = []
-    handle = decoder_layers(model)[0].register_forward_pre_hook(_out_of_memory_above(2, attempted), with_kwargs=True)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(
+        _out_of_memory_above(2, attempted), with_kwargs=True
+    )
     try:
         statistics = measure_last_token_residuals(model, token_ids, 0, pad_token_id_of(tokenizer))
         assert max(attempted) > 2 and attempted[-1] <= 2 and statistics.count == len(HARMFUL_PROMPTS)
@@ -175,6 +212,7 @@ def test_automatic_batch_size_backs_off_on_out_of_memory(tiny_model) -> None:
 def _recording_lengths(lengths: list[int]):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
     return hook
 
 
@@ -192,8 +230,12 @@ def test_shared_prefix_is_computed_once(tiny_model, model_type: str, options: di
         shared = measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer))
     finally:
         handle.remove()
-    longest_per_batch = [max(len(token_ids[index]) for index in batch) for batch in
-                         (length_sorted_order(token_ids)[start: start + 4] for start in range(0, len(token_ids), 4))]
+    longest_per_batch = [
+        max(len(token_ids[index]) for index in batch)
+        for batch in (
+            length_sorted_order(token_ids)[start : start + 4] for start in range(0, len(token_ids), 4)
+        )
+    ]
     assert lengths[0] == prefix
     # gpt_oss's 16-token sliding window is shorter than prefix + prompt, so it runs whole prompts.
     expected = [length - prefix for length in longest_per_batch] if shares else longest_per_batch

@@ -1,4 +1,5 @@
 """Bad input to measure.py: one `error:` line naming the file or flag, exit status 2, and no .pt file."""
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,14 @@ def test_missing_model_directory(capsys, workspace: Path) -> None:
     [
         ("--data-harmful", "empty.txt", "\n\n", "contains no prompts"),
         ("--data-harmless", "latin1.txt", b"caf\xe9\n", "not UTF-8 text"),
-        ("--data-harmful", "broken.json", "[\"a\", ", "invalid JSON"),
+        ("--data-harmful", "broken.json", '["a", ', "invalid JSON"),
         ("--data-harmless", "prompts.yaml", "- a\n", "unknown prompt-file type '.yaml'"),
         ("--data-harmful", "missing.txt", None, "file not found"),
     ],
 )
-def test_bad_prompt_files(capsys, tiny_model, workspace: Path, flag: str, name: str, content, message: str) -> None:
+def test_bad_prompt_files(
+    capsys, tiny_model, workspace: Path, flag: str, name: str, content, message: str
+) -> None:
     path = workspace / name
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -90,7 +93,11 @@ def _copy_without_chat_template(source: Path, destination: Path) -> Path:
 def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> None:
     model = _copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
     line = _fails(capsys, _arguments(workspace, model))
-    assert line.startswith(f"error: --model {model}: ") and "no chat template" in line and "--no-chat-template" in line
+    assert (
+        line.startswith(f"error: --model {model}: ")
+        and "no chat template" in line
+        and "--no-chat-template" in line
+    )
     assert _no_output(workspace)
     measured = run_measure(model, workspace / "out" / "raw.pt", workspace, "--no-chat-template")
     assert measured["meta"]["chat_template"] is False
@@ -107,8 +114,16 @@ def test_unwritable_output(capsys, tiny_model, workspace: Path, output: str) -> 
 def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) -> None:
     """A config-only checkpoint of ~130B parameters: the estimate alone must stop the run."""
     model = workspace / "huge"
-    build_config("llama", num_hidden_layers=40, hidden_size=16384, intermediate_size=53248,
-                 num_attention_heads=128, num_key_value_heads=8, head_dim=128, dtype="bfloat16").save_pretrained(model)
+    build_config(
+        "llama",
+        num_hidden_layers=40,
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        head_dim=128,
+        dtype="bfloat16",
+    ).save_pretrained(model)
     build_tokenizer().save_pretrained(model)
     line = _fails(capsys, _arguments(workspace, model, **{"--device-map": "cpu"}))
     assert line.startswith(f"error: --model {model}: the weights need about ")
@@ -116,8 +131,10 @@ def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) 
     assert _no_output(workspace)
 
 
-@pytest.mark.parametrize("argv", [["--batch-size", "-1"], ["--max-prompts", "0"], ["--quant-measure", "3bit"],
-                                  ["--device-map", "tpu"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--batch-size", "-1"], ["--max-prompts", "0"], ["--quant-measure", "3bit"], ["--device-map", "tpu"]],
+)
 def test_bad_flag_values_are_usage_errors(capsys, workspace: Path, argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(_arguments(workspace, workspace) + argv)
@@ -132,12 +149,33 @@ def test_flash_attention_falls_back_with_a_warning(capsys, tiny_model, workspace
 
 
 def test_script_help_and_exit_status(workspace: Path) -> None:
-    help_text = subprocess.run([sys.executable, "measure.py", "--help"], cwd=REPOSITORY, capture_output=True,
-                               text=True, check=True).stdout
-    for flag in ("--model", "-m", "--output", "-o", "--batch-size", "--quant-measure", "-q", "--flash-attn",
-                 "--data-harmful", "--data-harmless", "--projected", "--dtype", "--device-map", "--max-prompts",
-                 "--system-prompt", "--no-chat-template"):
+    help_text = subprocess.run(
+        [sys.executable, "measure.py", "--help"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--model",
+        "-m",
+        "--output",
+        "-o",
+        "--batch-size",
+        "--quant-measure",
+        "-q",
+        "--flash-attn",
+        "--data-harmful",
+        "--data-harmless",
+        "--projected",
+        "--dtype",
+        "--device-map",
+        "--max-prompts",
+        "--system-prompt",
+        "--no-chat-template",
+    ):
         assert flag in help_text
-    failed = subprocess.run([sys.executable, "measure.py", *_arguments(workspace, workspace / "absent")],
-                            cwd=REPOSITORY, capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "measure.py", *_arguments(workspace, workspace / "absent")],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert failed.returncode == 2 and failed.stderr.startswith("error: --model ") and _no_output(workspace)

@@ -1,4 +1,5 @@
 """Prompt files in every supported format load to the same list; bad files fail naming flag and file."""
+
 from __future__ import annotations
 
 import csv
@@ -22,7 +23,9 @@ def _write(path: Path, prompts: list[str], field: str = "text") -> Path:
     elif suffix == ".json":
         path.write_text(json.dumps([{field: prompt, "other": 1} for prompt in prompts]), encoding="utf-8")
     elif suffix == ".jsonl":
-        path.write_text("\n".join(json.dumps({field: prompt}) for prompt in prompts) + "\n\n", encoding="utf-8")
+        path.write_text(
+            "\n".join(json.dumps({field: prompt}) for prompt in prompts) + "\n\n", encoding="utf-8"
+        )
     elif suffix == ".csv":
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -38,8 +41,16 @@ def test_every_format_loads_the_same_prompts(tmp_path: Path, suffix: str) -> Non
     assert load_prompts(_write(tmp_path / f"p{suffix}", PROMPTS), "--data-harmful") == PROMPTS
 
 
-@pytest.mark.parametrize("suffix, field", [(".json", "prompt"), (".json", "instruction"), (".jsonl", "instruction"),
-                                           (".csv", "prompt"), (".parquet", "prompt")])
+@pytest.mark.parametrize(
+    "suffix, field",
+    [
+        (".json", "prompt"),
+        (".json", "instruction"),
+        (".jsonl", "instruction"),
+        (".csv", "prompt"),
+        (".parquet", "prompt"),
+    ],
+)
 def test_alternative_field_names(tmp_path: Path, suffix: str, field: str) -> None:
     assert load_prompts(_write(tmp_path / f"p{suffix}", PROMPTS, field), "--data-harmless") == PROMPTS
 
@@ -61,7 +72,11 @@ def test_json_list_of_strings_and_crlf_text(tmp_path: Path) -> None:
         ("wrong.jsonl", '{"question": "x"}\n', "line 1 is neither"),
         ("nocolumn.csv", "question\nx\n", "no 'text'/'prompt' column"),
         ("notparquet.parquet", "plain text", "not a readable parquet file"),
-        ("prompts.xml", "<x/>", "unknown prompt-file type '.xml'; allowed: .txt, .json, .jsonl, .csv, .parquet"),
+        (
+            "prompts.xml",
+            "<x/>",
+            "unknown prompt-file type '.xml'; allowed: .txt, .json, .jsonl, .csv, .parquet",
+        ),
     ],
 )
 def test_bad_prompt_files_name_flag_and_file(tmp_path: Path, name: str, content: str, message: str) -> None:
