@@ -14,6 +14,11 @@ class UserError(Exception):
     """
 
 
+def warn(message: str) -> None:
+    """A one-line `warning: ...` on stderr for something the user should know but that is not fatal."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run an entry script's `main`, turning a UserError into `error: ...` and exit status 2."""
     try:

@@ -29,7 +29,8 @@ class LayerMeasurement:
     harmful_mean: torch.Tensor | None
     harmless_mean: torch.Tensor | None
     refusal: torch.Tensor  # raw harmful_mean - harmless_mean
-    direction: torch.Tensor  # unit vector (orthogonalised against harmless_mean if measured --projected)
+    direction: torch.Tensor  # unit vector (orthogonalised against harmless_mean if measured --projected);
+    # zeros where harmful and harmless means coincide (e.g. L = 0), which `Measurements.direction` refuses
     harmful_variance: torch.Tensor | None = None
     harmless_variance: torch.Tensor | None = None
 
@@ -55,7 +56,12 @@ class Measurements:
 
     def direction(self, index: int) -> torch.Tensor:
         """The unit refusal direction of layer `index`, float32."""
-        return self.layer(index).direction
+        direction = self.layer(index).direction
+        if not bool(direction.any()):
+            raise UserError(
+                f"{self.source}: layer {index} has no refusal direction (its harmful and harmless means are equal)"
+            )
+        return direction
 
 
 def measurement_dict(measurements: Measurements) -> dict[str, Any]:
@@ -113,6 +119,8 @@ def parse_measurements(raw: Any, path: Path) -> Measurements:
     if not layer_indices:
         raise UserError(f"{path}: contains no per-layer vectors (keys like 'refuse_0')")
     layers = {index: _parse_layer(raw, index, path) for index in layer_indices}
+    if not any(bool(layer.direction.any()) for layer in layers.values()):
+        raise UserError(f"{path}: the refusal direction is zero at every layer")
     sizes = {layer.direction.numel() for layer in layers.values()}
     if len(sizes) != 1:
         raise UserError(f"{path}: per-layer vectors have different sizes {sorted(sizes)}")
@@ -146,13 +154,16 @@ def _parse_layer(raw: dict[str, Any], index: int, path: Path) -> LayerMeasuremen
     if direction is None:
         direction = refusal
     norm = float(direction.double().norm())
-    if not math.isfinite(norm) or norm == 0.0:
-        raise UserError(f"{path}: refusal direction of layer {index} is zero")
+    if not math.isfinite(norm):
+        raise UserError(f"{path}: refusal direction of layer {index} is not finite")
+    # A zero direction is kept as zeros: at the embedding output (L = 0) every chat-templated
+    # prompt ends in the same token, so harmful and harmless means coincide there.
+    unit = direction.double() / norm if norm > 0.0 else torch.zeros_like(direction, dtype=torch.float64)
     return LayerMeasurement(
         harmful_mean=harmful,
         harmless_mean=harmless,
         refusal=refusal,
-        direction=(direction.double() / norm).to(torch.float32),
+        direction=unit.to(torch.float32),
         harmful_variance=_vector(raw, f"harmful_var_{index}", path, required=False),
         harmless_variance=_vector(raw, f"harmless_var_{index}", path, required=False),
     )

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from tests.fixtures import build_fixture
 
@@ -28,3 +29,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> FixtureFactory:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """Run torch on one thread: tiny fixture models gain nothing from intra-op parallelism, and while
+    other work keeps a core busy, every OpenMP barrier waits for a descheduled thread (a forward
+    pass of a small MoE fixture took 10-30x longer with two threads on this two-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

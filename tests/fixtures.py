@@ -11,12 +11,14 @@ error alone. Adding a family is adding one entry here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -104,6 +106,9 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         v_head_dim=16,
         n_group=1,
         topk_group=1,
+        # Multi-head latent attention has one key/value head per query head; with fewer, padded
+        # batches (an attention mask) fail inside the attention. Weight shapes do not change.
+        num_key_value_heads=4,
     ),
 }
 
@@ -236,3 +241,100 @@ def install_in_hub_cache(model_directory: Path, cache_directory: Path, repo_id: 
         shutil.copyfile(source, blob)
         (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
     return snapshot
+
+
+# Pre-quantised checkpoints as they ship on the hub (original GPT-OSS in MXFP4, DeepSeek-style block FP8):
+# the weights on disk are packed integers plus scales, and config.json carries a non-bitsandbytes
+# `quantization_config`. Built by quantising a dense fixture, so loaders can be tested without a download.
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32
+MXFP4_SCALE_BIAS = 127
+MXFP4_EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+FP8_BLOCK = 32
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a fused GPT-OSS expert tensor [experts, in, out] as (blocks, scales) in the checkpoint layout.
+
+    The checkpoint stores each expert transposed ([experts, out, in]) with `in` cut into groups of 32
+    values sharing one power-of-two scale (stored as exponent + 127); each byte packs two FP4 (e2m1)
+    codes, the even element in the low nibble.
+    """
+    transposed = weight.transpose(1, 2).to(torch.float32)
+    experts, rows, columns = transposed.shape
+    groups = transposed.reshape(experts, rows, columns // MXFP4_GROUP, MXFP4_GROUP)
+    largest = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    exponents = torch.ceil(torch.log2(largest / max(MXFP4_VALUES)))
+    scaled = groups / torch.pow(2.0, exponents)
+    codebook = torch.tensor(MXFP4_VALUES)
+    codes = (scaled.unsqueeze(-1) - codebook).abs().argmin(dim=-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exponents.squeeze(-1) + MXFP4_SCALE_BIAS).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def quantize_fp8_blockwise(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise float8_e4m3fn weight and its `weight_scale_inv` grid (weight ≈ fp8 * scale_inv)."""
+    rows, columns = weight.shape
+    tiles = weight.to(torch.float32).reshape(rows // block, block, columns // block, block)
+    scale_inverse = (tiles.abs().amax(dim=(1, 3), keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    quantized = (tiles / scale_inverse).reshape(rows, columns).to(torch.float8_e4m3fn)
+    return quantized, scale_inverse.reshape(rows // block, columns // block)
+
+
+def _mxfp4_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    if not name.endswith(MXFP4_EXPERT_TENSORS):
+        return {name: tensor}
+    blocks, scales = quantize_mxfp4(tensor)
+    return {f"{name}_blocks": blocks, f"{name}_scales": scales}
+
+
+def _fp8_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    is_decoder_linear = ".layers." in name and name.endswith("proj.weight") and tensor.dim() == 2
+    if not is_decoder_linear or tensor.shape[0] % FP8_BLOCK or tensor.shape[1] % FP8_BLOCK:
+        return {name: tensor}
+    quantized, scale_inverse = quantize_fp8_blockwise(tensor)
+    return {name: quantized, name.replace(".weight", ".weight_scale_inv"): scale_inverse}
+
+
+PREQUANTIZED_FORMATS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "mxfp4": (
+        _mxfp4_tensors,
+        {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                             "model.embed_tokens", "lm_head"]},
+    ),
+    "fp8": (
+        _fp8_tensors,
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+    ),
+}
+
+
+def build_prequantized_fixture(model_type: str, output_dir: Path, quant_method: str, **options: Any) -> Path:
+    """A fixture whose checkpoint is pre-quantised (`mxfp4`: GPT-OSS experts; `fp8`: decoder linears).
+
+    Built like `build_fixture`, then every shard is rewritten with the packed tensors and config.json
+    gains the `quantization_config` a hub checkpoint of that format carries.
+    """
+    convert, quantization_config = PREQUANTIZED_FORMATS[quant_method]
+    output_dir = build_fixture(model_type, output_dir, **options)
+    weight_map: dict[str, str] = {}
+    for shard in sorted(output_dir.glob("*.safetensors")):
+        converted: dict[str, torch.Tensor] = {}
+        for name, tensor in load_file(shard).items():
+            converted.update(convert(name, tensor))
+        save_file(converted, shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(converted, shard.name))
+    index_path = output_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index_path.write_text(json.dumps(index, indent=2))
+    config_path = output_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = dict(quantization_config)
+    config_path.write_text(json.dumps(config, indent=2))
+    return output_dir
+

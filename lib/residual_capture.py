@@ -1,0 +1,348 @@
+"""Per-layer residual stream at the last prompt token: hooks, length-sorted batches, Welford statistics.
+
+Index convention (docs/SPEC.md §2, the same as transformers' `hidden_states`): position L is the
+residual stream entering decoder layer L; L = 0 is the embedding output (the input of layer 0)
+and L = N the output of the last decoder layer *before* the final norm. transformers' own
+`hidden_states[-1]` is taken after the final norm for most models, so the hooks here capture the
+last layer's output directly instead.
+
+Only the last position of each layer's residual is kept (a clone of [batch, hidden]), never the
+full-sequence hidden states, and the model runs as plain forward passes of its base model: no
+`generate()`, no logits. Prompts are sorted by length (longest first, so a batch size that fits
+the first batch fits them all) and padded on the left with explicit position ids, so a prompt's
+contribution does not depend on its batch or the batch size.
+
+Shared prefix: every chat-formatted prompt starts with the same tokens (BOS, the user-turn
+header, often a long system preamble: GPT-OSS's harmony format, Llama 3's date header,
+`--system-prompt`). Those are run once; their keys and values are handed to every batch as a
+cache, so only each prompt's own tokens are computed again. Causal attention makes this exact.
+The padding then sits between prefix and prompt, masked; for sliding-window attention, whose
+window counts token slots, this is exact only while prefix + longest prompt fit in the window,
+so longer batches run without the shared prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import Cache, PreTrainedModel
+
+from lib.chat_format import left_pad
+from lib.errors import UserError, warn
+from lib.loading import cpu_available_bytes, decoder_layers, input_device, text_config
+
+AUTOMATIC_BATCH_SIZE_LIMIT = 256
+# Share of the free memory the activations of one automatic-size batch may plan to use.
+AUTOMATIC_BATCH_MEMORY_FRACTION = 0.5
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+@dataclass(frozen=True)
+class ResidualStatistics:
+    """Mean and per-dimension variance of the last-token residual at every position L = 0..N."""
+
+    count: int
+    mean: torch.Tensor  # [N + 1, hidden] float64
+    variance: torch.Tensor  # [N + 1, hidden] float64, sample variance (divisor count - 1); zero if count < 2
+
+
+class WelfordAccumulator:
+    """Running mean and sum of squared deviations in float64, merged a batch at a time (Chan et al.).
+
+    Numerically stable for many prompts with large, nearly equal activations, where summing
+    squares would cancel catastrophically.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.squared_deviations: torch.Tensor | None = None
+
+    def add(self, samples: torch.Tensor) -> None:
+        """Merge `samples` [positions, batch, hidden] (any float dtype; accumulated in float64)."""
+        samples = samples.to(torch.float64)
+        batch_count = samples.shape[1]
+        batch_mean = samples.mean(dim=1)
+        batch_squared_deviations = (samples - batch_mean.unsqueeze(1)).square().sum(dim=1)
+        if self.mean is None or self.squared_deviations is None:
+            self.count, self.mean, self.squared_deviations = batch_count, batch_mean, batch_squared_deviations
+            return
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (batch_count / total)
+        self.squared_deviations = (
+            self.squared_deviations
+            + batch_squared_deviations
+            + delta.square() * (self.count * batch_count / total)
+        )
+        self.count = total
+
+    def statistics(self) -> ResidualStatistics:
+        if self.mean is None or self.squared_deviations is None:
+            raise ValueError("no samples were accumulated")
+        variance = (
+            self.squared_deviations / (self.count - 1)
+            if self.count > 1
+            else torch.zeros_like(self.squared_deviations)
+        )
+        return ResidualStatistics(self.count, self.mean.clone(), variance)
+
+
+class LastTokenCapture:
+    """Forward hooks on the decoder layers keeping each residual's last position (left padding).
+
+    Use as a context manager; the hooks are removed on exit. After a forward pass, `take()`
+    returns [N + 1, batch, hidden] float64 on the CPU.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.captured: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "LastTokenCapture":
+        self.handles.append(self.layers[0].register_forward_pre_hook(self._capture_input, with_kwargs=True))
+        for index, layer in enumerate(self.layers, start=1):
+            self.handles.append(layer.register_forward_hook(functools.partial(self._capture_output, index)))
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.clear()
+
+    def _store(self, index: int, hidden_states: torch.Tensor) -> None:
+        # clone: a view would keep the whole [batch, length, hidden] tensor alive until take()
+        self.captured[index] = hidden_states[:, -1, :].detach().clone()
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._store(0, args[0] if args else kwargs["hidden_states"])
+
+    def _capture_output(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
+        self._store(index, output[0] if isinstance(output, (tuple, list)) else output)
+
+    def take(self) -> torch.Tensor:
+        missing = [index for index, tensor in enumerate(self.captured) if tensor is None]
+        if missing:
+            raise RuntimeError(
+                f"residuals at positions {missing} were not captured; the model skipped layers"
+            )
+        residuals = torch.stack(
+            [tensor.to("cpu", torch.float64) for tensor in self.captured if tensor is not None]
+        )
+        self.clear()
+        return residuals
+
+    def clear(self) -> None:
+        self.captured = [None] * (len(self.layers) + 1)
+
+
+def length_sorted_order(token_id_lists: Sequence[Sequence[int]]) -> list[int]:
+    """Prompt indices, longest first: neighbours have similar lengths, so padding wastes little."""
+    return sorted(range(len(token_id_lists)), key=lambda index: len(token_id_lists[index]), reverse=True)
+
+
+def activation_bytes_per_sequence(model: PreTrainedModel, length: int) -> int:
+    """A generous estimate of one sequence's peak transient activations inside one decoder layer."""
+    config = text_config(model.config)
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    key_value_heads = getattr(config, "num_key_value_heads", None) or heads
+    experts_per_token = getattr(config, "num_experts_per_tok", None) or 1
+    intermediate = max(
+        getattr(config, "intermediate_size", 0) or 0,
+        (getattr(config, "moe_intermediate_size", 0) or 0) * experts_per_token,
+        hidden,
+    )
+    element_size = max(
+        next(model.parameters()).element_size(), 2
+    )  # quantised weights still compute in >= 16 bit
+    per_token = element_size * (8 * hidden + 4 * intermediate + 2 * head_dim * (heads + 2 * key_value_heads))
+    # keys and values of every layer, kept for one forward pass when a shared prefix is used
+    per_token += element_size * 2 * key_value_heads * head_dim * config.num_hidden_layers
+    attention_scores = 4 * heads * length  # one float32 score row per head (eager attention's worst case)
+    return length * (per_token + attention_scores)
+
+
+def free_memory_near(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return cpu_available_bytes()
+
+
+def automatic_batch_size(model: PreTrainedModel, longest_prompt: int, prompt_count: int) -> int:
+    """The starting size for `--batch-size 0`: as many longest prompts as half the free memory holds."""
+    budget = free_memory_near(input_device(model)) * AUTOMATIC_BATCH_MEMORY_FRACTION
+    fitting = int(budget // activation_bytes_per_sequence(model, longest_prompt))
+    return max(1, min(fitting, prompt_count, AUTOMATIC_BATCH_SIZE_LIMIT))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES
+    )
+
+
+class BatchSizer:
+    """The batch size in use: fixed as requested, or automatic (start from an estimate, halve on OOM)."""
+
+    def __init__(
+        self, requested: int, model: PreTrainedModel, longest_prompt: int, prompt_count: int
+    ) -> None:
+        self.automatic = requested == 0
+        self.size = automatic_batch_size(model, longest_prompt, prompt_count) if self.automatic else requested
+
+    def shrink_after_out_of_memory(self) -> None:
+        if not self.automatic:
+            raise UserError(
+                f"--batch-size {self.size}: out of memory; use a smaller --batch-size, or 0 to find one"
+            )
+        if self.size == 1:
+            raise UserError(
+                "out of memory with one prompt per batch; load the model in less memory "
+                "(quantisation, or another --device-map)"
+            )
+        self.size = max(1, self.size // 2)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory error only: hand the failed batch's cached blocks back before retrying."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def common_prefix_length(token_id_lists: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving at least each prompt's last token outside the prefix."""
+    first = token_id_lists[0]
+    shortest = min(len(ids) for ids in token_id_lists)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == first[length] for ids in token_id_lists):
+        length += 1
+    return length
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The attention window of sliding-window layers, if the model has any."""
+    config = text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if not window or (layer_types and not any("sliding" in layer_type for layer_type in layer_types)):
+        return None
+    return int(window)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The keys and values of the tokens all prompts start with, computed once (batch of one)."""
+
+    length: int
+    cache: Cache
+    window: int | None
+
+    def fits(self, suffix_length: int) -> bool:
+        return self.window is None or self.length + suffix_length <= self.window
+
+    def cache_for_batch(self, batch_size: int) -> Cache:
+        cache = copy.deepcopy(self.cache)  # each forward appends its own keys and values
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+def compute_shared_prefix(
+    model: PreTrainedModel, capture: "LastTokenCapture", token_id_lists: Sequence[Sequence[int]]
+) -> SharedPrefix | None:
+    length = common_prefix_length(token_id_lists)
+    if length == 0:
+        return None
+    prefix = torch.tensor([list(token_id_lists[0][:length])], device=input_device(model))
+    try:
+        output = model.base_model(
+            input_ids=prefix, position_ids=torch.arange(length, device=prefix.device)[None], use_cache=True
+        )
+    except (TypeError, ValueError, NotImplementedError) as error:
+        warn(f"{type(model).__name__} cannot reuse a cached prompt prefix ({error}); running whole prompts")
+        return None
+    finally:
+        capture.clear()  # the prefix's own residuals are no prompt's last token
+    cache = getattr(output, "past_key_values", None)
+    return SharedPrefix(length, cache, sliding_window(model)) if isinstance(cache, Cache) else None
+
+
+def batch_inputs(
+    rows: Sequence[Sequence[int]], prefix: SharedPrefix | None, pad_token_id: int, device: torch.device
+) -> dict[str, Any]:
+    """Model inputs for one batch: the prompts after the shared prefix with its cache, or whole prompts."""
+    if prefix is not None:
+        suffixes = left_pad([ids[prefix.length :] for ids in rows], pad_token_id)
+        if prefix.fits(suffixes.input_ids.shape[1]):
+            prefix_mask = torch.ones((len(rows), prefix.length), dtype=torch.long)
+            return {
+                "input_ids": suffixes.input_ids.to(device),
+                "attention_mask": torch.cat([prefix_mask, suffixes.attention_mask], dim=1).to(device),
+                "position_ids": (suffixes.position_ids + prefix.length).to(device),
+                "past_key_values": prefix.cache_for_batch(len(rows)),
+                "use_cache": True,
+            }
+    return {**left_pad(rows, pad_token_id).to(device).model_inputs(), "use_cache": False}
+
+
+def measure_last_token_residuals(
+    model: PreTrainedModel,
+    token_id_lists: Sequence[Sequence[int]],
+    batch_size: int,
+    pad_token_id: int,
+    description: str = "prompts",
+    share_prefix: bool = True,
+) -> ResidualStatistics:
+    """Mean and variance of the last-prompt-token residual entering each layer L = 0..N.
+
+    `batch_size` 0 picks the largest batch that fits (an estimate, halved on out-of-memory).
+    `share_prefix` computes the tokens all prompts start with once (exact; see the module notes).
+    """
+    if not token_id_lists:
+        raise ValueError("no prompts to measure")
+    layers = decoder_layers(model)
+    device = input_device(model)
+    order = length_sorted_order(token_id_lists)
+    sizer = BatchSizer(batch_size, model, len(token_id_lists[order[0]]), len(order))
+    # The base model stops after the final norm: the output head's logits are never computed.
+    forward = model.base_model
+    accumulator = WelfordAccumulator()
+    with (
+        LastTokenCapture(layers) as capture,
+        torch.inference_mode(),
+        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+    ):
+        prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
+        start = 0
+        while start < len(order):
+            indices = order[start : start + sizer.size]
+            try:
+                forward(
+                    **batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device)
+                )
+                residuals = capture.take()
+            except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(error):
+                    raise
+                residuals = None
+            if residuals is None:
+                capture.clear()
+                sizer.shrink_after_out_of_memory()
+                _release_cached_memory(device)
+                progress.set_postfix(batch_size=sizer.size)
+                continue
+            accumulator.add(residuals)
+            start += len(indices)
+            progress.update(len(indices))
+    return accumulator.statistics()

@@ -1,0 +1,157 @@
+"""Measure per-layer refusal directions: mean last-prompt-token residuals of harmful vs harmless prompts.
+
+Writes the `.pt` measurement file of docs/SPEC.md §2 (llm-abliteration compatible keys plus
+per-dimension variances and `meta`). See docs/measure.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from lib.atomic import check_writable_destination
+from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+from lib.errors import run_cli
+from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer
+from lib.measurements import save_measurements
+from lib.model_files import resolve_model_directory
+from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts
+from lib.refusal import measurement_meta, refusal_measurements
+from lib.residual_capture import measure_last_token_residuals
+
+
+def _positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_integer(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (automatic) or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure the refusal direction of every layer of a causal LM: the mean residual "
+        "stream at the last prompt token for harmful vs harmless prompts, written as a .pt file.",
+    )
+    parser.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="MODEL",
+        help="local model directory or a hub id in the local cache",
+    )
+    parser.add_argument(
+        "--output", "-o", required=True, type=Path, metavar="FILE", help="measurement file to write (.pt)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_non_negative_integer,
+        default=0,
+        metavar="N",
+        help="prompts per forward pass; 0 (default) = automatic: the largest batch that fits, "
+        "halved on out-of-memory",
+    )
+    parser.add_argument(
+        "--data-harmful",
+        type=Path,
+        default=DEFAULT_HARMFUL_PROMPTS,
+        metavar="FILE",
+        help="harmful prompts: .txt (one per line), .json, .jsonl, .csv or .parquet "
+        "(default: data/harmful.txt)",
+    )
+    parser.add_argument(
+        "--data-harmless",
+        type=Path,
+        default=DEFAULT_HARMLESS_PROMPTS,
+        metavar="FILE",
+        help="harmless prompts, same formats (default: data/harmless.txt)",
+    )
+    parser.add_argument(
+        "--max-prompts",
+        type=_positive_integer,
+        default=None,
+        metavar="N",
+        help="use only the first N prompts of each file (default: all)",
+    )
+    parser.add_argument(
+        "--projected",
+        action="store_true",
+        help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
+    )
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="tokenise the raw prompts instead of formatting them with the model's chat template",
+    )
+    add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "-q"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    # Everything the user can get wrong is checked before the (slow) model load.
+    check_writable_destination(arguments.output, "--output")
+    prompt_files = {"harmful": arguments.data_harmful, "harmless": arguments.data_harmless}
+    prompts = {
+        name: load_prompts(path, f"--data-{name}")[: arguments.max_prompts]
+        for name, path in prompt_files.items()
+    }
+    model_directory = resolve_model_directory(arguments.model, "--model")
+    label = f"--model {arguments.model}"
+    tokenizer = load_tokenizer(model_directory, label)
+    use_chat_template = not arguments.no_chat_template
+    if use_chat_template:
+        require_chat_template(tokenizer, label)
+    token_ids = {
+        name: tokenize_chat_prompts(tokenizer, texts, arguments.system_prompt, use_chat_template)
+        for name, texts in prompts.items()
+    }
+
+    options = ModelLoadOptions.from_arguments(arguments)
+    model = load_model(model_directory, options, label)
+    statistics = {
+        name: measure_last_token_residuals(
+            model, ids, arguments.batch_size, pad_token_id_of(tokenizer), description=f"{name} prompts"
+        )
+        for name, ids in token_ids.items()
+    }
+
+    meta = measurement_meta(
+        model_name=arguments.model,
+        model=model,
+        prompt_files=prompt_files,
+        prompt_counts={name: len(texts) for name, texts in prompts.items()},
+        projected=arguments.projected,
+        settings={
+            "chat_template": use_chat_template,
+            "system_prompt": arguments.system_prompt,
+            "max_prompts": arguments.max_prompts,
+            "batch_size": arguments.batch_size,
+            "device_map": options.device_map,
+        },
+    )
+    measurements = refusal_measurements(
+        statistics["harmful"], statistics["harmless"], arguments.projected, meta
+    )
+    save_measurements(measurements, arguments.output)
+    print(
+        f"wrote {arguments.output}: {measurements.num_layers} layers (L = 0..{measurements.num_layers}), "
+        f"{len(prompts['harmful'])} harmful and {len(prompts['harmless'])} harmless prompts",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

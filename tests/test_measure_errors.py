@@ -1,0 +1,181 @@
+"""Bad input to measure.py: one `error:` line naming the file or flag, exit status 2, and no .pt file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.errors import run_cli
+from measure import main
+from tests.fixtures import build_config, build_tokenizer
+from tests.measure_helpers import run_measure, write_prompt_files
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run measure.py's CLI wrapper in-process; return its single stderr line after checking status 2."""
+    capsys.readouterr()  # drop anything printed while preparing (fixture builds)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path) -> Path:
+    write_prompt_files(tmp_path)
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def _arguments(workspace: Path, model: Path | str, **overrides: str) -> list[str]:
+    options = {
+        "--model": str(model),
+        "--output": str(workspace / "out" / "m.pt"),
+        "--data-harmful": str(workspace / "harmful.txt"),
+        "--data-harmless": str(workspace / "harmless.txt"),
+        **overrides,
+    }
+    return [item for pair in options.items() for item in pair]
+
+
+def _no_output(workspace: Path) -> bool:
+    return not any((workspace / "out").iterdir())
+
+
+def test_missing_model_directory(capsys, workspace: Path) -> None:
+    line = _fails(capsys, _arguments(workspace, workspace / "no-such-model"))
+    assert line.startswith("error: --model ") and "not found" in line
+    assert _no_output(workspace)
+
+
+@pytest.mark.parametrize(
+    "flag, name, content, message",
+    [
+        ("--data-harmful", "empty.txt", "\n\n", "contains no prompts"),
+        ("--data-harmless", "latin1.txt", b"caf\xe9\n", "not UTF-8 text"),
+        ("--data-harmful", "broken.json", '["a", ', "invalid JSON"),
+        ("--data-harmless", "prompts.yaml", "- a\n", "unknown prompt-file type '.yaml'"),
+        ("--data-harmful", "missing.txt", None, "file not found"),
+    ],
+)
+def test_bad_prompt_files(
+    capsys, tiny_model, workspace: Path, flag: str, name: str, content, message: str
+) -> None:
+    path = workspace / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    line = _fails(capsys, _arguments(workspace, tiny_model("llama"), **{flag: str(path)}))
+    assert line.startswith(f"error: {flag} {path}: ") and message in line
+    assert _no_output(workspace)
+
+
+def _copy_without_chat_template(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    (destination / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = destination / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return destination
+
+
+def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> None:
+    model = _copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
+    line = _fails(capsys, _arguments(workspace, model))
+    assert (
+        line.startswith(f"error: --model {model}: ")
+        and "no chat template" in line
+        and "--no-chat-template" in line
+    )
+    assert _no_output(workspace)
+    measured = run_measure(model, workspace / "out" / "raw.pt", workspace, "--no-chat-template")
+    assert measured["meta"]["chat_template"] is False
+    assert measured["refuse_0"].any()  # raw prompts end in different tokens, so even L = 0 differs
+
+
+@pytest.mark.parametrize("output", ["missing-directory/m.pt", "out"])
+def test_unwritable_output(capsys, tiny_model, workspace: Path, output: str) -> None:
+    line = _fails(capsys, _arguments(workspace, tiny_model("llama"), **{"--output": str(workspace / output)}))
+    assert line.startswith("error: --output ")
+    assert _no_output(workspace) and not (workspace / "missing-directory").exists()
+
+
+def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) -> None:
+    """A config-only checkpoint of ~130B parameters: the estimate alone must stop the run."""
+    model = workspace / "huge"
+    build_config(
+        "llama",
+        num_hidden_layers=40,
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        head_dim=128,
+        dtype="bfloat16",
+    ).save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    line = _fails(capsys, _arguments(workspace, model, **{"--device-map": "cpu"}))
+    assert line.startswith(f"error: --model {model}: the weights need about ")
+    assert "bfloat16" in line and "--quant-measure 4bit" in line and "--device-map auto" in line
+    assert _no_output(workspace)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--batch-size", "-1"], ["--max-prompts", "0"], ["--quant-measure", "3bit"], ["--device-map", "tpu"]],
+)
+def test_bad_flag_values_are_usage_errors(capsys, workspace: Path, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_arguments(workspace, workspace) + argv)
+    assert exit_info.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert _no_output(workspace)
+
+
+def test_flash_attention_falls_back_with_a_warning(capsys, tiny_model, workspace: Path) -> None:
+    measured = run_measure(tiny_model("llama"), workspace / "out" / "m.pt", workspace, "--flash-attn")
+    assert measured["layers"] == 4
+    assert "warning: --flash-attn:" in capsys.readouterr().err
+
+
+def test_script_help_and_exit_status(workspace: Path) -> None:
+    help_text = subprocess.run(
+        [sys.executable, "measure.py", "--help"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--model",
+        "-m",
+        "--output",
+        "-o",
+        "--batch-size",
+        "--quant-measure",
+        "-q",
+        "--flash-attn",
+        "--data-harmful",
+        "--data-harmless",
+        "--projected",
+        "--dtype",
+        "--device-map",
+        "--max-prompts",
+        "--system-prompt",
+        "--no-chat-template",
+    ):
+        assert flag in help_text
+    failed = subprocess.run(
+        [sys.executable, "measure.py", *_arguments(workspace, workspace / "absent")],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode == 2 and failed.stderr.startswith("error: --model ") and _no_output(workspace)
