@@ -1,23 +1,31 @@
 """Per-layer analysis of a measurement file: a table (or JSON), a chart, and a starting ablation plan.
 
-    python analyze.py MEASUREMENTS.pt [--chart [PNG]] [--show] [--suggest PLAN.yml --model DIR --output DIR] [--json]
+    python analyze.py MEASUREMENTS.pt [--chart [PNG]] [--show] [--json]
+                      [--suggest PLAN.yml --model DIR --output DIR]
 
 Metrics, score and the plan heuristic are documented in docs/analyze.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lib.analysis_report import format_summary, format_table, report_data
 from lib.atomic import check_writable_destination
 from lib.errors import UserError, run_cli
 from lib.measurements import load_measurements
 from lib.model_files import read_config, resolve_model_directory
-from lib.plan_suggestion import check_model_matches, check_plan_destination, plan_yaml, suggest_plan, write_plan
+from lib.plan_suggestion import (
+    check_model_matches,
+    check_plan_destination,
+    plan_yaml,
+    suggest_plan,
+    write_plan,
+)
 from lib.signal_metrics import analyze_measurements
 
 DEFAULT_CHART = "beside the measurements"  # sentinel for a bare --chart
@@ -25,22 +33,45 @@ DEFAULT_CHART = "beside the measurements"  # sentinel for a bare --chart
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Per-layer signal metrics of a refusal-direction measurement file (ours or llm-abliteration's), "
-        "an optional chart and a suggested starting ablation plan.",
+        description="Per-layer signal metrics of a refusal-direction measurement file, an optional chart "
+        "and a suggested starting ablation plan. Columns, score and heuristic: docs/analyze.md.",
     )
-    parser.add_argument("measurements", type=Path, metavar="MEASUREMENTS.pt", help="file written by measure.py")
     parser.add_argument(
-        "--chart", nargs="?", const=DEFAULT_CHART, metavar="PNG",
-        help="write a PNG chart of the metrics (default: MEASUREMENTS.png beside the file); rendered headlessly",
+        "measurements",
+        type=Path,
+        metavar="MEASUREMENTS.pt",
+        help="file written by measure.py (or by llm-abliteration's measure.py)",
     )
-    parser.add_argument("--show", action="store_true", help="also open the chart in a window (needs a display)")
     parser.add_argument(
-        "--suggest", type=Path, metavar="PLAN.yml",
-        help="write a commented YAML ablation plan for sharded_ablate.py (never overwrites an existing file); "
-        "needs --model and --output",
+        "--chart",
+        nargs="?",
+        const=DEFAULT_CHART,
+        metavar="PNG",
+        help="write a PNG chart of the metrics, headless (default: MEASUREMENTS.png beside the file)",
     )
-    parser.add_argument("--model", help="with --suggest: the measured model (directory or cached hub id), checked against the file")
-    parser.add_argument("--output", help="with --suggest: the directory sharded_ablate.py should write the edited model to")
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="open the chart in a window (needs a display); without --chart nothing is written",
+    )
+    parser.add_argument(
+        "--suggest",
+        type=Path,
+        metavar="PLAN.yml",
+        help="write a commented YAML ablation plan for sharded_ablate.py (never overwrites an existing "
+        "file); needs --model and --output",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="with --suggest: the measured model (directory or cached hub id); its layer count and "
+        "hidden size must match the file",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="with --suggest: the directory sharded_ablate.py should write the edited model to",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
     return parser
 
@@ -48,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 def chart_path(arguments: argparse.Namespace) -> Path | None:
     if arguments.chart is None:
         return None
-    path = arguments.measurements.with_suffix(".png") if arguments.chart == DEFAULT_CHART else Path(arguments.chart)
+    path = (
+        arguments.measurements.with_suffix(".png")
+        if arguments.chart == DEFAULT_CHART
+        else Path(arguments.chart)
+    )
     if path.suffix.lower() != ".png":
         raise UserError(f"--chart {path}: must be a .png path")
     check_writable_destination(path, "--chart")
@@ -77,11 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     measurements = load_measurements(arguments.measurements)
     if locations is not None:
-        check_model_matches(read_config(resolve_model_directory(arguments.model)), measurements, arguments.model)
+        check_model_matches(
+            read_config(resolve_model_directory(arguments.model)), measurements, arguments.model
+        )
     report = analyze_measurements(measurements)
     suggestion = suggest_plan(report, measurements.num_layers)
     if locations is not None and suggestion is None:
-        raise UserError(f"{arguments.measurements}: no candidate measurement layer carries a refusal signal; cannot suggest a plan")
+        raise UserError(
+            f"{arguments.measurements}: no candidate measurement layer carries a refusal signal; "
+            "cannot suggest a plan"
+        )
 
     if arguments.json:
         print(json.dumps(report_data(measurements, report, suggestion), indent=2))
@@ -100,8 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_chart(report, suggestion, title)
     if locations is not None:
         model, output = locations
-        text = plan_yaml(suggestion, report, measurements.num_layers, model=model,
-                         measurements=arguments.measurements.resolve(), output=output)
+        text = plan_yaml(
+            suggestion,
+            report,
+            measurements.num_layers,
+            model=model,
+            measurements=arguments.measurements.resolve(),
+            output=output,
+        )
         write_plan(text, arguments.suggest)
         print(f"wrote plan {arguments.suggest}", file=sys.stderr)
     return 0

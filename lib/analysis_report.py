@@ -1,9 +1,11 @@
 """The per-layer table printed by analyze.py, and the same data as JSON."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lib.measurements import Measurements
 from lib.plan_suggestion import PlanSuggestion, best_layers
@@ -36,8 +38,11 @@ COLUMNS: list[tuple[str, str, Callable[[float | None], str]]] = [
 
 def _row(signal: LayerSignal, ranks: dict[int, int]) -> list[str]:
     rank = ranks.get(signal.index)
-    return [str(signal.index), *(format_value(getattr(signal, name)) for _, name, format_value in COLUMNS),
-            f"*{rank}" if rank else ""]
+    return [
+        str(signal.index),
+        *(format_value(getattr(signal, name)) for _, name, format_value in COLUMNS),
+        f"*{rank}" if rank else "",
+    ]
 
 
 def format_table(report: SignalReport) -> str:
@@ -46,7 +51,10 @@ def format_table(report: SignalReport) -> str:
     header = ["layer", *(title for title, _, _ in COLUMNS), "best"]
     rows = [_row(signal, ranks) for signal in report.layers]
     widths = [max(len(cells[column]) for cells in [header, *rows]) for column in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(cells, widths)).rstrip() for cells in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, *rows]
+    )
 
 
 def format_summary(report: SignalReport, suggestion: PlanSuggestion | None) -> str:
@@ -57,8 +65,8 @@ def format_summary(report: SignalReport, suggestion: PlanSuggestion | None) -> s
     if suggestion is not None:
         first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
         lines.append(
-            f"suggested: direction measured at layer {suggestion.measurement}, edit decoder layers {first}..{last} "
-            "(write it with --suggest PLAN.yml --model DIR --output DIR)"
+            f"suggested: direction measured at layer {suggestion.measurement}, "
+            f"edit decoder layers {first}..{last} (write it with --suggest PLAN.yml --model DIR --output DIR)"
         )
     return "\n".join(lines)
 
@@ -79,7 +87,9 @@ def _suggestion_data(suggestion: PlanSuggestion | None) -> dict[str, Any] | None
     }
 
 
-def report_data(measurements: Measurements, report: SignalReport, suggestion: PlanSuggestion | None) -> dict[str, Any]:
+def report_data(
+    measurements: Measurements, report: SignalReport, suggestion: PlanSuggestion | None
+) -> dict[str, Any]:
     """Everything the table, the summary and the chart show, as plain JSON-ready values (None = n/a)."""
     ranks = {index: rank for rank, index in enumerate(best_layers(report), start=1)}
     return {
@@ -88,7 +98,11 @@ def report_data(measurements: Measurements, report: SignalReport, suggestion: Pl
         "hidden_size": measurements.hidden_size,
         "has_variances": report.has_variances,
         "best_layers": list(ranks),
-        "layers": [{**dataclasses.asdict(signal), "rank": ranks.get(signal.index)} for signal in report.layers],
-        "direction_cosines": [[_finite_or_none(float(value)) for value in row] for row in report.direction_cosines],
+        "layers": [
+            {**dataclasses.asdict(signal), "rank": ranks.get(signal.index)} for signal in report.layers
+        ],
+        "direction_cosines": [
+            [_finite_or_none(float(value)) for value in row] for row in report.direction_cosines
+        ],
         "suggestion": _suggestion_data(suggestion),
     }

@@ -3,6 +3,7 @@
 Drawing uses matplotlib's object-oriented `Figure` and the Agg canvas, so writing a PNG never
 touches pyplot or a display; only `show_chart` (analyze.py --show) goes through pyplot.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,10 @@ LAYER_AXIS_LABEL = "layer L (residual stream entering decoder layer L)"
 
 def _series(report: SignalReport, field: str) -> np.ndarray:
     """A metric across layers as floats, NaN where it is n/a (matplotlib leaves a gap)."""
-    return np.array([np.nan if (value := getattr(signal, field)) is None else value for signal in report.layers], dtype=float)
+    return np.array(
+        [np.nan if (value := getattr(signal, field)) is None else value for signal in report.layers],
+        dtype=float,
+    )
 
 
 def _mark_suggestion(axes: Axes, suggestion: PlanSuggestion | None) -> None:
@@ -34,10 +38,20 @@ def _mark_suggestion(axes: Axes, suggestion: PlanSuggestion | None) -> None:
         return
     first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
     # Decoder layer l sits between residual l and l + 1, so layers first..last span [first, last + 1].
-    axes.axvspan(first, last + 1, color="gold", alpha=0.18,
-                 label=f"edited decoder layers {first}..{last} (residuals {first}..{last + 1})")
-    axes.axvline(suggestion.measurement, color="black", linestyle="--", linewidth=1.2,
-                 label=f"measurement layer {suggestion.measurement}")
+    axes.axvspan(
+        first,
+        last + 1,
+        color="gold",
+        alpha=0.18,
+        label=f"edited decoder layers {first}..{last} (residuals {first}..{last + 1})",
+    )
+    axes.axvline(
+        suggestion.measurement,
+        color="black",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"measurement layer {suggestion.measurement}",
+    )
 
 
 def _finish(axes: Axes, title: str, ylabel: str, layers: np.ndarray, legend: bool = True) -> None:
@@ -50,42 +64,89 @@ def _finish(axes: Axes, title: str, ylabel: str, layers: np.ndarray, legend: boo
         axes.legend(fontsize=8, loc="best")
 
 
-def _plot_norms(axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None) -> None:
+def _plot_norms(
+    axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None
+) -> None:
     axes.plot(layers, _series(report, "harmful_norm"), "r-o", markersize=3, label="|harmful mean|")
     axes.plot(layers, _series(report, "harmless_norm"), "g-s", markersize=3, label="|harmless mean|")
-    axes.plot(layers, _series(report, "refusal_norm"), "b-^", markersize=3, label="|refusal| = |harmful - harmless|")
+    axes.plot(
+        layers, _series(report, "refusal_norm"), "b-^", markersize=3, label="|refusal| = |harmful - harmless|"
+    )
     _mark_suggestion(axes, suggestion)
     _finish(axes, "Norms of the means and of the refusal vector", "L2 norm", layers)
 
 
-def _plot_cosines(axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None) -> None:
-    axes.plot(layers, _series(report, "cos_harmful_harmless"), color="purple", marker="o", markersize=3,
-              label="cos(harmful, harmless)")
-    axes.plot(layers, _series(report, "cos_harmful_direction"), color="red", marker="o", markersize=3,
-              label="cos(harmful, direction)")
-    axes.plot(layers, _series(report, "cos_harmless_direction"), color="blue", marker="o", markersize=3,
-              label="cos(harmless, direction)")
+def _plot_cosines(
+    axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None
+) -> None:
+    axes.plot(
+        layers,
+        _series(report, "cos_harmful_harmless"),
+        color="purple",
+        marker="o",
+        markersize=3,
+        label="cos(harmful, harmless)",
+    )
+    axes.plot(
+        layers,
+        _series(report, "cos_harmful_direction"),
+        color="red",
+        marker="o",
+        markersize=3,
+        label="cos(harmful, direction)",
+    )
+    axes.plot(
+        layers,
+        _series(report, "cos_harmless_direction"),
+        color="blue",
+        marker="o",
+        markersize=3,
+        label="cos(harmless, direction)",
+    )
     axes.axhline(0.0, color="gray", linewidth=0.8)
     _mark_suggestion(axes, suggestion)
     _finish(axes, "Cosine similarities", "cosine", layers)
 
 
-def _plot_separation(axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None) -> None:
-    axes.plot(layers, _series(report, "relative_magnitude"), color="darkorange", marker="d", markersize=3,
-              label="relative magnitude |refusal| / max |mean|")
-    axes.plot(layers, _series(report, "purity"), color="darkgreen", marker="d", markersize=3,
-              label="purity (share orthogonal to harmless)")
+def _plot_separation(
+    axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None
+) -> None:
+    axes.plot(
+        layers,
+        _series(report, "relative_magnitude"),
+        color="darkorange",
+        marker="d",
+        markersize=3,
+        label="relative magnitude |refusal| / max |mean|",
+    )
+    axes.plot(
+        layers,
+        _series(report, "purity"),
+        color="darkgreen",
+        marker="d",
+        markersize=3,
+        label="purity (share orthogonal to harmless)",
+    )
     _mark_suggestion(axes, suggestion)
     separation = _series(report, "separation")
     has_separation = not np.isnan(separation).all()
-    title = "Relative magnitude, purity and separation" + ("" if has_separation else " (n/a: no variances in file)")
+    title = "Relative magnitude, purity and separation" + (
+        "" if has_separation else " (n/a: no variances in file)"
+    )
     _finish(axes, title, "ratio", layers, legend=False)
     axes.set_ylim(bottom=0.0, top=max(1.0, float(np.nanmax(_series(report, "relative_magnitude")))) * 1.35)
     handles = axes.get_legend_handles_labels()[0]
     if has_separation:
         separation_axes = axes.twinx()
-        separation_axes.plot(layers, separation, color="teal", linestyle=":", marker="x", markersize=4,
-                             label="separation (right axis)")
+        separation_axes.plot(
+            layers,
+            separation,
+            color="teal",
+            linestyle=":",
+            marker="x",
+            markersize=4,
+            label="separation (right axis)",
+        )
         separation_axes.set_ylim(bottom=0.0, top=float(np.nanmax(separation)) * 1.35 or 1.0)
         separation_axes.set_ylabel("separation: (mean difference)² / pooled variance along d")
         handles += separation_axes.get_legend_handles_labels()[0]
@@ -93,56 +154,108 @@ def _plot_separation(axes: Axes, report: SignalReport, layers: np.ndarray, sugge
     axes.legend(handles=handles, fontsize=8, loc="upper right", ncol=2)
 
 
-def _plot_score(axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None) -> None:
+def _plot_score(
+    axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None
+) -> None:
     scores = _series(report, "score")
     axes.bar(layers, scores, color="lightsteelblue", edgecolor="steelblue", label="signal-quality score")
     for rank, index in enumerate(best_layers(report), start=1):
-        axes.annotate(f"#{rank}", (index, scores[index]), textcoords="offset points", xytext=(0, 4),
-                      ha="center", fontsize=9, fontweight="bold")
+        axes.annotate(
+            f"#{rank}",
+            (index, scores[index]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=9,
+            fontweight="bold",
+        )
     if suggestion is not None:
         skipped_from = suggestion.candidates.stop
         if skipped_from <= layers[-1]:
-            axes.axvspan(skipped_from - 0.5, layers[-1] + 0.5, color="gray", alpha=0.12,
-                         label="not considered for measurement")
+            axes.axvspan(
+                skipped_from - 0.5,
+                layers[-1] + 0.5,
+                color="gray",
+                alpha=0.12,
+                label="not considered for measurement",
+            )
     _mark_suggestion(axes, suggestion)
     title = "Signal quality: rel. magnitude x purity" + (" x S/(1+S)" if report.has_variances else "")
     _finish(axes, title, "score", layers)
     axes.set_ylim(bottom=0.0, top=max(float(np.nanmax(scores)), 1e-12) * 1.2)
 
 
-def _plot_rotation(axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None) -> None:
-    axes.plot(layers, _series(report, "cos_previous"), color="navy", marker="o", markersize=3,
-              label="cos(direction, previous layer's direction)")
+def _plot_rotation(
+    axes: Axes, report: SignalReport, layers: np.ndarray, suggestion: PlanSuggestion | None
+) -> None:
+    axes.plot(
+        layers,
+        _series(report, "cos_previous"),
+        color="navy",
+        marker="o",
+        markersize=3,
+        label="cos(direction, previous layer's direction)",
+    )
     if suggestion is not None:
-        axes.plot(layers, report.direction_cosines[:, suggestion.measurement], color="crimson", marker="o",
-                  markersize=3, label=f"cos(direction, layer {suggestion.measurement}'s direction)")
-        axes.axhline(ALIGNMENT_THRESHOLD, color="crimson", linestyle=":", linewidth=1,
-                     label=f"edit threshold {ALIGNMENT_THRESHOLD}")
+        axes.plot(
+            layers,
+            report.direction_cosines[:, suggestion.measurement],
+            color="crimson",
+            marker="o",
+            markersize=3,
+            label=f"cos(direction, layer {suggestion.measurement}'s direction)",
+        )
+        axes.axhline(
+            ALIGNMENT_THRESHOLD,
+            color="crimson",
+            linestyle=":",
+            linewidth=1,
+            label=f"edit threshold {ALIGNMENT_THRESHOLD}",
+        )
     axes.axhline(0.0, color="gray", linewidth=0.8)
     _mark_suggestion(axes, suggestion)
     _finish(axes, "Rotation of the direction between layers", "cosine", layers)
 
 
-def _plot_heatmap(figure: Figure, axes: Axes, report: SignalReport, suggestion: PlanSuggestion | None) -> None:
+def _plot_heatmap(
+    figure: Figure, axes: Axes, report: SignalReport, suggestion: PlanSuggestion | None
+) -> None:
     matrix = np.ma.masked_invalid(report.direction_cosines)
-    image = axes.imshow(matrix, cmap="coolwarm", vmin=-1.0, vmax=1.0, origin="lower", interpolation="nearest",
-                        aspect="auto")
+    image = axes.imshow(
+        matrix, cmap="coolwarm", vmin=-1.0, vmax=1.0, origin="lower", interpolation="nearest", aspect="auto"
+    )
     figure.colorbar(image, ax=axes, label="cosine similarity of the directions")
     if suggestion is not None:
         axes.axhline(suggestion.measurement, color="black", linestyle="--", linewidth=1)
-        axes.axvline(suggestion.measurement, color="black", linestyle="--", linewidth=1,
-                     label=f"measurement layer {suggestion.measurement}")
+        axes.axvline(
+            suggestion.measurement,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"measurement layer {suggestion.measurement}",
+        )
         # The cells that decided the edited range: the outputs (l + 1) of the edited decoder layers.
         first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
-        axes.add_patch(Rectangle((first + 0.5, suggestion.measurement - 0.5), last - first + 1, 1.0, fill=False,
-                                 edgecolor="gold", linewidth=2.5, label=f"outputs of edited layers {first}..{last}"))
+        axes.add_patch(
+            Rectangle(
+                (first + 0.5, suggestion.measurement - 0.5),
+                last - first + 1,
+                1.0,
+                fill=False,
+                edgecolor="gold",
+                linewidth=2.5,
+                label=f"outputs of edited layers {first}..{last}",
+            )
+        )
         axes.legend(fontsize=8, loc="upper left")
     axes.set_title("Direction cosine similarity, layer by layer", fontsize=12, fontweight="bold")
     axes.set_xlabel("layer L (blank: no direction at that layer)")
     axes.set_ylabel("layer L")
 
 
-def draw_analysis(figure: Figure, report: SignalReport, suggestion: PlanSuggestion | None, title: str) -> None:
+def draw_analysis(
+    figure: Figure, report: SignalReport, suggestion: PlanSuggestion | None, title: str
+) -> None:
     layers = np.array([signal.index for signal in report.layers])
     grid = figure.subplots(3, 2)
     _plot_norms(grid[0, 0], report, layers, suggestion)

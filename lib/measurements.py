@@ -131,16 +131,19 @@ def parse_measurements(raw: Any, path: Path) -> Measurements:
     if len(sizes) != 1:
         raise UserError(f"{path}: per-layer vectors have different sizes {sorted(sizes)}")
     if not any(layer.has_direction for layer in layers.values()):
-        raise UserError(f"{path}: the refusal direction is zero at every layer (harmful and harmless means agree)")
+        raise UserError(f"{path}: the refusal direction is zero at every layer (the two means agree)")
     meta = raw.get("meta", {})
-    return Measurements(num_layers=num_layers, layers=layers, meta=meta if isinstance(meta, dict) else {}, source=path)
+    meta = meta if isinstance(meta, dict) else {}
+    return Measurements(num_layers=num_layers, layers=layers, meta=meta, source=path)
 
 
 def _check_layer_coverage(layer_indices: list[int], num_layers: int, path: Path) -> None:
     """Every residual index from 0 must be present: 0..N (ours) or 0..N-1 (llm-abliteration's measure)."""
     beyond = [index for index in layer_indices if index > num_layers]
     if beyond:
-        raise UserError(f"{path}: has vectors for layer {beyond[0]} but 'layers' is {num_layers} (allowed 0..{num_layers})")
+        raise UserError(
+            f"{path}: has layer {beyond[0]} but 'layers' is {num_layers} (allowed: 0..{num_layers})"
+        )
     last = num_layers if num_layers in layer_indices else num_layers - 1
     missing = sorted(set(range(last + 1)) - set(layer_indices))
     if missing:

@@ -8,6 +8,7 @@ The heuristic (docs/analyze.md explains the why):
    direction measured at each layer's output keeps a cosine >= ALIGNMENT_THRESHOLD with the chosen one.
 Every edited layer uses the chosen direction at full strength (scale 1.0, sparsity 1.0).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,22 @@ class PlanSuggestion:
     @property
     def outside_neighbours(self) -> list[int]:
         """The decoder layers just below and above the edited run, with their alignment known."""
-        return [layer for layer in (self.edited_layers[0] - 1, self.edited_layers[-1] + 1) if layer in self.alignment]
+        return [
+            layer
+            for layer in (self.edited_layers[0] - 1, self.edited_layers[-1] + 1)
+            if layer in self.alignment
+        ]
 
 
-def best_layers(report: SignalReport, indices: range | None = None, count: int = BEST_LAYER_COUNT) -> list[int]:
+def best_layers(
+    report: SignalReport, indices: range | None = None, count: int = BEST_LAYER_COUNT
+) -> list[int]:
     """Layer indices with a positive score, best first (ties: the earlier layer)."""
-    pool = [signal for signal in report.layers if signal.score > 0 and (indices is None or signal.index in indices)]
+    pool = [
+        signal
+        for signal in report.layers
+        if signal.score > 0 and (indices is None or signal.index in indices)
+    ]
     return [signal.index for signal in sorted(pool, key=lambda signal: (-signal.score, signal.index))[:count]]
 
 
@@ -99,8 +110,8 @@ def check_model_matches(config: dict[str, Any], measurements: Measurements, mode
         actual = text_config.get(key)
         if actual is not None and actual != measured:
             raise UserError(
-                f"--model {model}: config has {key}={actual} but {measurements.source} was measured with {measured}; "
-                "pass the model the measurements came from"
+                f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
+                f"{measured}; pass the model the measurements came from"
             )
 
 
@@ -111,18 +122,22 @@ def _number(value: float | None, digits: int = 4) -> str:
 def _explain_measurement(suggestion: PlanSuggestion, report: SignalReport, num_layers: int) -> list[str]:
     chosen = report.layer(suggestion.measurement)
     separation_part = (
-        f" x S/(1+S) with separation S {_number(chosen.separation)}" if report.has_variances
+        f" x S/(1+S) with separation S {_number(chosen.separation)}"
+        if report.has_variances
         else " (no variances in the file: separation n/a, not in the score)"
     )
-    runners_up = ", ".join(f"layer {index} ({_number(report.layer(index).score)})" for index in suggestion.ranking[1:])
+    runners_up = ", ".join(
+        f"layer {index} ({_number(report.layer(index).score)})" for index in suggestion.ranking[1:]
+    )
     lines = [
-        f"Measurement layer {suggestion.measurement} (the residual stream entering decoder layer {suggestion.measurement}):",
+        f"Measurement layer {chosen.index} (the residual stream entering decoder layer {chosen.index}):",
         f"  the best signal-quality score among measurement layers {suggestion.candidates.start}.."
         f"{suggestion.candidates.stop - 1} of 0..{num_layers}; later layers are skipped, their",
         "  directions mostly describe the output tokens.",
         f"  score {_number(chosen.score)} = relative magnitude {_number(chosen.relative_magnitude)}"
         f" x purity {_number(chosen.purity)}{separation_part}",
-        f"  cos(harmful, harmless) {_number(chosen.cos_harmful_harmless)}, |refusal| {_number(chosen.refusal_norm)}",
+        f"  cos(harmful, harmless) {_number(chosen.cos_harmful_harmless)}, "
+        f"|refusal| {_number(chosen.refusal_norm)}",
     ]
     if runners_up:
         lines.append(f"  runners-up: {runners_up}")
@@ -132,18 +147,29 @@ def _explain_measurement(suggestion: PlanSuggestion, report: SignalReport, num_l
 def _explain_range(suggestion: PlanSuggestion) -> list[str]:
     first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
     lines = [
-        f"Edited decoder layers {first}..{last}: decoder layer l writes the residual l+1. Starting from",
-        f"  layer {suggestion.measurement - 1}, which writes the measured residual, the run grows both ways while",
-        f"  the direction measured at each layer's output keeps cos >= {ALIGNMENT_THRESHOLD} with the chosen one.",
+        f"Edited decoder layers {first}..{last}: decoder layer l writes the residual l+1. Starting",
+        f"  from layer {suggestion.measurement - 1}, which writes the measured residual, the run grows both",
+        f"  ways while the direction measured at each layer's output keeps cos >= {ALIGNMENT_THRESHOLD}",
+        "  with the chosen one.",
     ]
-    outside = [f"layer {layer} (cos {_number(suggestion.alignment[layer], 3)})" for layer in suggestion.outside_neighbours]
+    outside = [
+        f"layer {layer} (cos {_number(suggestion.alignment[layer], 3)})"
+        for layer in suggestion.outside_neighbours
+    ]
     if outside:
         lines.append(f"  Just outside the run: {', '.join(outside)}.")
     return lines
 
 
-def plan_yaml(suggestion: PlanSuggestion, report: SignalReport, num_layers: int, *, model: str,
-              measurements: Path, output: str) -> str:
+def plan_yaml(
+    suggestion: PlanSuggestion,
+    report: SignalReport,
+    num_layers: int,
+    *,
+    model: str,
+    measurements: Path,
+    output: str,
+) -> str:
     """The plan as YAML text with comments giving the numbers behind each choice."""
     comments = [
         f"Ablation plan suggested by analyze.py from {measurements.name}. A starting point: edit it,",
@@ -165,8 +191,9 @@ def plan_yaml(suggestion: PlanSuggestion, report: SignalReport, num_layers: int,
         "ablate:",
     ]
     for layer in suggestion.edited_layers:
+        alignment = _number(suggestion.alignment[layer], 3)
         lines += [
-            f"  - layer: {layer}  # cos(direction at this layer's output, chosen) = {_number(suggestion.alignment[layer], 3)}",
+            f"  - layer: {layer}  # cos(direction at its output, chosen) = {alignment}",
             f"    measurement: {suggestion.measurement}",
             f"    scale: {DEFAULT_SCALE}",
             f"    sparsity: {DEFAULT_SPARSITY}",
@@ -178,7 +205,9 @@ def check_plan_destination(path: Path) -> None:
     """A plan is meant to be hand-edited: never overwrite one."""
     check_writable_destination(path, "--suggest")
     if path.exists():
-        raise UserError(f"--suggest {path}: already exists; a plan may hold hand edits, so choose a new path or delete it")
+        raise UserError(
+            f"--suggest {path}: already exists; a plan may hold hand edits, so choose a new path or delete it"
+        )
 
 
 def write_plan(text: str, path: Path) -> None:

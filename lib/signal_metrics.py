@@ -7,6 +7,7 @@ variances in the file) is None and is shown as "n/a".
 
 The definitions, and why the score combines what it combines, are in docs/analyze.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,7 +78,9 @@ def projected_separation(layer: LayerMeasurement) -> float | None:
         return None
     direction = layer.direction.double()
     squared = direction * direction
-    pooled = 0.5 * (float(layer.harmful_variance.double() @ squared) + float(layer.harmless_variance.double() @ squared))
+    pooled = 0.5 * (
+        float(layer.harmful_variance.double() @ squared) + float(layer.harmless_variance.double() @ squared)
+    )
     difference = float(layer.refusal.double() @ direction) ** 2
     return difference / pooled if pooled > 0 else None
 
@@ -95,9 +98,19 @@ def purity(refusal: torch.Tensor, harmless_mean: torch.Tensor) -> float | None:
     return float(orthogonal.norm()) / refusal_norm
 
 
-def layer_signal(index: int, layer: LayerMeasurement, previous: LayerMeasurement | None, use_separation: bool) -> LayerSignal:
-    harmful, harmless, refusal = layer.harmful_mean.double(), layer.harmless_mean.double(), layer.refusal.double()
-    harmful_norm, harmless_norm, refusal_norm = float(harmful.norm()), float(harmless.norm()), float(refusal.norm())
+def layer_signal(
+    index: int, layer: LayerMeasurement, previous: LayerMeasurement | None, use_separation: bool
+) -> LayerSignal:
+    harmful, harmless, refusal = (
+        layer.harmful_mean.double(),
+        layer.harmless_mean.double(),
+        layer.refusal.double(),
+    )
+    harmful_norm, harmless_norm, refusal_norm = (
+        float(harmful.norm()),
+        float(harmless.norm()),
+        float(refusal.norm()),
+    )
     largest_mean = max(harmful_norm, harmless_norm)
     relative_magnitude = refusal_norm / largest_mean if largest_mean > 0 else None
     separation = projected_separation(layer)
@@ -119,9 +132,13 @@ def layer_signal(index: int, layer: LayerMeasurement, previous: LayerMeasurement
 
 
 def direction_cosine_matrix(measurements: Measurements) -> np.ndarray:
-    directions = torch.stack([measurements.layers[index].direction.double() for index in sorted(measurements.layers)])
+    directions = torch.stack(
+        [measurements.layers[index].direction.double() for index in sorted(measurements.layers)]
+    )
     norms = directions.norm(dim=1, keepdim=True)
-    units = torch.where(norms > 0, directions / norms.clamp_min(1e-300), torch.full_like(directions, math.nan))
+    units = torch.where(
+        norms > 0, directions / norms.clamp_min(1e-300), torch.full_like(directions, math.nan)
+    )
     return (units @ units.T).clamp(-1.0, 1.0).numpy()
 
 
@@ -143,4 +160,6 @@ def analyze_measurements(measurements: Measurements) -> SignalReport:
         layer_signal(index, measurements.layers[index], measurements.layers.get(index - 1), has_variances)
         for index in indices
     ]
-    return SignalReport(layers=signals, direction_cosines=direction_cosine_matrix(measurements), has_variances=has_variances)
+    return SignalReport(
+        layers=signals, direction_cosines=direction_cosine_matrix(measurements), has_variances=has_variances
+    )

@@ -9,11 +9,12 @@
 - every variance is `variance` in every dimension, so the separation is a_L^2 / variance;
 - layer 0 has identical means, as in a real file (every prompt ends on the same template token).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -30,7 +31,9 @@ def unit(index: int, hidden_size: int = HIDDEN_SIZE) -> torch.Tensor:
 
 
 def planted_direction(layer: int, alignment: float) -> torch.Tensor:
-    return alignment * unit(PLANTED_COORDINATE) + math.sqrt(max(0.0, 1.0 - alignment**2)) * unit(PLANTED_COORDINATE + 1 + layer)
+    return alignment * unit(PLANTED_COORDINATE) + math.sqrt(max(0.0, 1.0 - alignment**2)) * unit(
+        PLANTED_COORDINATE + 1 + layer
+    )
 
 
 def planted_measurements(
@@ -52,9 +55,11 @@ def planted_measurements(
     if num_layers is None:
         num_layers = len(magnitudes) if llm_abliteration_style else len(magnitudes) - 1
     content: dict[str, object] = {"layers": num_layers}
-    for layer, (magnitude, alignment) in enumerate(zip(magnitudes, alignments)):
+    for layer, (magnitude, alignment) in enumerate(zip(magnitudes, alignments, strict=True)):
         harmless = torch.zeros(HIDDEN_SIZE, dtype=torch.float64)
-        harmless[:HARMLESS_DIMENSIONS] = torch.randn(HARMLESS_DIMENSIONS, generator=generator, dtype=torch.float64)
+        harmless[:HARMLESS_DIMENSIONS] = torch.randn(
+            HARMLESS_DIMENSIONS, generator=generator, dtype=torch.float64
+        )
         harmless *= HARMLESS_NORM / harmless.norm()
         refusal = magnitude * planted_direction(layer, alignment)
         content[f"harmful_{layer}"] = (harmless + refusal).float()

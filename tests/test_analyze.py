@@ -1,4 +1,5 @@
 """analyze.py: metrics on files of known geometry, the plan heuristic, the chart, the CLI and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from lib.errors import UserError, run_cli
 from lib.measurements import load_measurements
 from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
 from lib.signal_metrics import analyze_measurements
+from tests.conftest import FixtureFactory
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -94,7 +96,9 @@ def test_orthogonal_means_match_hand_computed_metrics(tmp_path: Path) -> None:
     assert layer.cos_previous is None  # layer 0 has no direction
     rotated = report.layer(2)  # d = (1, 0, 1) / sqrt 2
     assert rotated.cos_previous == pytest.approx(0.6 / math.sqrt(2))
-    assert rotated.purity == pytest.approx(1.0) and rotated.cos_harmless_direction == pytest.approx(0.0, abs=1e-7)
+    assert rotated.purity == pytest.approx(1.0) and rotated.cos_harmless_direction == pytest.approx(
+        0.0, abs=1e-7
+    )
 
 
 def test_projected_direction_uses_the_stored_unit_vector(tmp_path: Path) -> None:
@@ -102,7 +106,9 @@ def test_projected_direction_uses_the_stored_unit_vector(tmp_path: Path) -> None
     content = torch.load(hand_built_file(tmp_path / "m.pt"), weights_only=True)
     content["refusenorm_1"] = unit(0).float()
     layer = analyze_measurements(load_measurements(save(content, tmp_path / "projected.pt"))).layer(1)
-    assert layer.cos_harmless_direction == pytest.approx(0.0) and layer.cos_harmful_direction == pytest.approx(1.0)
+    assert layer.cos_harmless_direction == pytest.approx(
+        0.0
+    ) and layer.cos_harmful_direction == pytest.approx(1.0)
     assert layer.separation == pytest.approx(3**2 / ((1.0 + 3.0) / 2))  # (r.d)^2 / mean of v0's
     assert layer.purity == pytest.approx(3 / 5)  # purity describes the raw vector
 
@@ -140,7 +146,9 @@ def test_llm_abliteration_file_has_no_separation_but_still_scores_and_suggests(t
 
 def test_late_peak_is_ranked_but_not_used_for_measurement(tmp_path: Path) -> None:
     magnitudes = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 4.0, 3.0, 2.0, 2.0, 3.0, 12.0, 5.0]
-    report = analyze_measurements(load_measurements(save(planted_measurements(magnitudes, ALIGNMENTS), tmp_path / "m.pt")))
+    report = analyze_measurements(
+        load_measurements(save(planted_measurements(magnitudes, ALIGNMENTS), tmp_path / "m.pt"))
+    )
     suggestion = suggest_plan(report, 12)
     assert max(report.layers, key=lambda signal: signal.score).index == 11
     assert suggestion.candidates == range(1, 10)  # floor(0.8 * 12) = 9
@@ -148,7 +156,9 @@ def test_late_peak_is_ranked_but_not_used_for_measurement(tmp_path: Path) -> Non
 
 
 def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True), tmp_path / "old.pt")
+    path = save(
+        planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True), tmp_path / "old.pt"
+    )
     status, table, _ = run_analyze([str(path)], capsys)
     assert status == 0
     rows = [line.split() for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
@@ -168,7 +178,9 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
     # An interactive backend and no display: any attempt to open a window would fail, and pyplot
     # (the only way to open one) must not even be imported.
-    environment = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")
+    }
     environment["MPLBACKEND"] = "TkAgg"
     script = (
         "import sys, analyze\n"
@@ -176,8 +188,14 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
         "sys.exit(status)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(path), "--chart"], cwd=REPOSITORY,
-                            env=environment, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), "--chart"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     chart = tmp_path / "m.png"  # default: beside the measurements
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -187,19 +205,34 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
 
 
-def suggest_for_fixture(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> tuple[Path, Path]:
+def suggest_for_fixture(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> tuple[Path, Path]:
     """A 4-layer llama fixture and a plan suggested from a matching synthetic file (peak at 2)."""
     model = tiny_model("llama")
-    measurements = save(planted_measurements([0.0, 2.0, 5.0, 3.0, 1.0], [1.0, 0.8, 1.0, 0.9, 0.2]), tmp_path / "m.pt")
+    measurements = save(
+        planted_measurements([0.0, 2.0, 5.0, 3.0, 1.0], [1.0, 0.8, 1.0, 0.9, 0.2]), tmp_path / "m.pt"
+    )
     plan = tmp_path / "plan.yml"
     status, _, error = run_analyze(
-        [str(measurements), "--suggest", str(plan), "--model", str(model), "--output", str(tmp_path / "ablated")], capsys
+        [
+            str(measurements),
+            "--suggest",
+            str(plan),
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / "ablated"),
+        ],
+        capsys,
     )
     assert status == 0, error
     return model, plan
 
 
-def test_suggested_plan_is_valid_commented_yaml(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_suggested_plan_is_valid_commented_yaml(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     model, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
     text = plan.read_text()
     parsed = yaml.safe_load(text)
@@ -211,25 +244,56 @@ def test_suggested_plan_is_valid_commented_yaml(tiny_model, tmp_path: Path, caps
     for entry in parsed["ablate"]:
         assert entry == {"layer": entry["layer"], "measurement": 2, "scale": 1.0, "sparsity": 1.0}
     assert "score" in text and "separation S" in text and "cos >= 0.5" in text  # the numbers behind it
-    status, _, error = run_analyze([str(tmp_path / "m.pt"), "--suggest", str(plan), "--model", str(model),
-                                    "--output", str(tmp_path / "other")], capsys)
+    status, _, error = run_analyze(
+        [
+            str(tmp_path / "m.pt"),
+            "--suggest",
+            str(plan),
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / "other"),
+        ],
+        capsys,
+    )
     assert status == 2 and "already exists" in error and plan.read_text() == text
 
 
-@pytest.mark.skipif(not (REPOSITORY / "sharded_ablate.py").exists(),
-                    reason="sharded_ablate.py comes from the ablation branch; this runs once both are merged")
-def test_suggested_plan_passes_sharded_ablate_dry_run(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.skipif(
+    not (REPOSITORY / "sharded_ablate.py").exists(),
+    reason="sharded_ablate.py comes from the ablation branch; this runs once both are merged",
+)
+def test_suggested_plan_passes_sharded_ablate_dry_run(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     _, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
-    result = subprocess.run([sys.executable, "sharded_ablate.py", str(plan), "--dry-run"], cwd=REPOSITORY,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "sharded_ablate.py", str(plan), "--dry-run"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "ablated").exists()
 
 
-def test_suggest_refuses_a_model_with_another_layer_count(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_suggest_refuses_a_model_with_another_layer_count(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     measurements = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")  # 12 layers
-    status, _, error = run_analyze([str(measurements), "--suggest", str(tmp_path / "plan.yml"), "--model",
-                                    str(tiny_model("llama")), "--output", str(tmp_path / "out")], capsys)
+    status, _, error = run_analyze(
+        [
+            str(measurements),
+            "--suggest",
+            str(tmp_path / "plan.yml"),
+            "--model",
+            str(tiny_model("llama")),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert status == 2 and "num_hidden_layers=4" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "plan.yml").exists()
 
@@ -300,14 +364,18 @@ def test_pickle_is_never_executed(tmp_path: Path, capsys: pytest.CaptureFixture)
         (["--chart", "/nonexistent-directory/chart.png"], "does not exist"),
     ],
 )
-def test_bad_flags_are_one_line_errors(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
+def test_bad_flags_are_one_line_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = save(GOOD, tmp_path / "m.pt")
     status, _, error = run_analyze([str(path), *extra], capsys)
     assert status == 2 and message in error and len(error.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("extra", [["--suggest", "plan.yml"], ["--model", "x"], ["--suggest", "p.yml", "--output", "o"]])
-def test_suggest_flags_come_together(extra: list[str], tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "extra", [["--suggest", "plan.yml"], ["--model", "x"], ["--suggest", "p.yml", "--output", "o"]]
+)
+def test_suggest_flags_come_together(extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status, _, error = run_analyze([str(save(GOOD, tmp_path / "m.pt")), *extra], capsys)
     assert status == 2 and "--suggest" in error
 
