@@ -205,6 +205,28 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
 
 
+def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    environment = {**os.environ, "MPLBACKEND": "Agg"}  # non-interactive: show() returns at once
+    script = (
+        "import sys, analyze\n"
+        "status = analyze.main(sys.argv[1:])\n"
+        "from matplotlib import pyplot\n"
+        "assert len(pyplot.figure(1).axes) > 6, 'the chart was not drawn on a pyplot figure'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), "--show"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [entry.name for entry in tmp_path.iterdir()] == ["m.pt"]
+
+
 def suggest_for_fixture(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> tuple[Path, Path]:
