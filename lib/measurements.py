@@ -29,10 +29,16 @@ class LayerMeasurement:
     harmful_mean: torch.Tensor | None
     harmless_mean: torch.Tensor | None
     refusal: torch.Tensor  # raw harmful_mean - harmless_mean
-    direction: torch.Tensor  # unit vector (orthogonalised against harmless_mean if measured --projected);
-    # zeros where harmful and harmless means coincide (e.g. L = 0), which `Measurements.direction` refuses
+    # Unit vector (orthogonalised against harmless_mean if measured --projected), or all zeros where
+    # the two means are identical: at L = 0 every prompt ends on the same template token, so the
+    # embedding outputs agree exactly and there is no direction to measure.
+    direction: torch.Tensor
     harmful_variance: torch.Tensor | None = None
     harmless_variance: torch.Tensor | None = None
+
+    @property
+    def has_direction(self) -> bool:
+        return bool(self.direction.any())
 
 
 @dataclass
@@ -55,13 +61,14 @@ class Measurements:
         return self.layers[index]
 
     def direction(self, index: int) -> torch.Tensor:
-        """The unit refusal direction of layer `index`, float32."""
-        direction = self.layer(index).direction
-        if not bool(direction.any()):
+        """The unit refusal direction of layer `index`, float32; an error where it is zero."""
+        layer = self.layer(index)
+        if not layer.has_direction:
             raise UserError(
-                f"{self.source}: layer {index} has no refusal direction (its harmful and harmless means are equal)"
+                f"{self.source}: layer {index} has no refusal direction (harmful and harmless means are "
+                "identical there); use another measurement layer"
             )
-        return direction
+        return layer.direction
 
 
 def measurement_dict(measurements: Measurements) -> dict[str, Any]:
@@ -118,14 +125,33 @@ def parse_measurements(raw: Any, path: Path) -> Measurements:
     )
     if not layer_indices:
         raise UserError(f"{path}: contains no per-layer vectors (keys like 'refuse_0')")
+    _check_layer_coverage(layer_indices, num_layers, path)
     layers = {index: _parse_layer(raw, index, path) for index in layer_indices}
-    if not any(bool(layer.direction.any()) for layer in layers.values()):
-        raise UserError(f"{path}: the refusal direction is zero at every layer")
     sizes = {layer.direction.numel() for layer in layers.values()}
     if len(sizes) != 1:
         raise UserError(f"{path}: per-layer vectors have different sizes {sorted(sizes)}")
+    if not any(layer.has_direction for layer in layers.values()):
+        raise UserError(f"{path}: the refusal direction is zero at every layer (the two means agree)")
     meta = raw.get("meta", {})
-    return Measurements(num_layers=num_layers, layers=layers, meta=meta if isinstance(meta, dict) else {}, source=path)
+    meta = meta if isinstance(meta, dict) else {}
+    return Measurements(num_layers=num_layers, layers=layers, meta=meta, source=path)
+
+
+def _check_layer_coverage(layer_indices: list[int], num_layers: int, path: Path) -> None:
+    """Every residual index from 0 must be present: 0..N (ours) or 0..N-1 (llm-abliteration's measure)."""
+    beyond = [index for index in layer_indices if index > num_layers]
+    if beyond:
+        raise UserError(
+            f"{path}: has layer {beyond[0]} but 'layers' is {num_layers} (allowed: 0..{num_layers})"
+        )
+    last = num_layers if num_layers in layer_indices else num_layers - 1
+    missing = sorted(set(range(last + 1)) - set(layer_indices))
+    if missing:
+        listed = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise UserError(
+            f"{path}: missing layer(s) {listed}; expected vectors for every layer 0..{num_layers} "
+            f"(or 0..{num_layers - 1} in llm-abliteration files)"
+        )
 
 
 def _vector(raw: dict[str, Any], key: str, path: Path, required: bool) -> torch.Tensor | None:
@@ -155,15 +181,24 @@ def _parse_layer(raw: dict[str, Any], index: int, path: Path) -> LayerMeasuremen
         direction = refusal
     norm = float(direction.double().norm())
     if not math.isfinite(norm):
-        raise UserError(f"{path}: refusal direction of layer {index} is not finite")
-    # A zero direction is kept as zeros: at the embedding output (L = 0) every chat-templated
-    # prompt ends in the same token, so harmful and harmless means coincide there.
-    unit = direction.double() / norm if norm > 0.0 else torch.zeros_like(direction, dtype=torch.float64)
-    return LayerMeasurement(
+        raise UserError(f"{path}: refusal direction of layer {index} overflows")
+    unit = (direction.double() / norm).to(torch.float32) if norm > 0 else torch.zeros_like(direction)
+    layer = LayerMeasurement(
         harmful_mean=harmful,
         harmless_mean=harmless,
         refusal=refusal,
-        direction=unit.to(torch.float32),
-        harmful_variance=_vector(raw, f"harmful_var_{index}", path, required=False),
-        harmless_variance=_vector(raw, f"harmless_var_{index}", path, required=False),
+        direction=unit,
+        harmful_variance=_variance(raw, f"harmful_var_{index}", path),
+        harmless_variance=_variance(raw, f"harmless_var_{index}", path),
     )
+    sizes = {vector.numel() for vector in vars(layer).values() if isinstance(vector, torch.Tensor)}
+    if len(sizes) != 1:
+        raise UserError(f"{path}: the vectors of layer {index} have different sizes {sorted(sizes)}")
+    return layer
+
+
+def _variance(raw: dict[str, Any], key: str, path: Path) -> torch.Tensor | None:
+    variance = _vector(raw, key, path, required=False)
+    if variance is not None and bool((variance < 0).any()):
+        raise UserError(f"{path}: key '{key}' has negative entries (a variance must be >= 0)")
+    return variance

@@ -1,0 +1,215 @@
+"""A starting ablation plan (SPEC §3) derived from the per-layer metrics, written as commented YAML.
+
+The heuristic (docs/analyze.md explains the why):
+1. Measurement layer: the best signal-quality score among residual indices
+   1..floor(LATEST_MEASUREMENT_FRACTION * N); L = 0 (the embeddings) and the last layers are skipped.
+2. Edited decoder layers: decoder layer l writes the residual l + 1, so start from the layer that
+   writes the chosen residual (measurement - 1) and grow a contiguous run, both ways, while the
+   direction measured at each layer's output keeps a cosine >= ALIGNMENT_THRESHOLD with the chosen one.
+Every edited layer uses the chosen direction at full strength (scale 1.0, sparsity 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib.atomic import atomic_file, check_writable_destination
+from lib.errors import UserError
+from lib.measurements import Measurements
+from lib.signal_metrics import SignalReport
+
+# Arditi et al. (2024, "Refusal in language models is mediated by a single direction") discard
+# candidate directions from the last 20% of the layers: there they mostly encode the output tokens.
+LATEST_MEASUREMENT_FRACTION = 0.8
+ALIGNMENT_THRESHOLD = 0.5
+BEST_LAYER_COUNT = 3
+DEFAULT_SCALE = 1.0
+DEFAULT_SPARSITY = 1.0
+
+
+@dataclass(frozen=True)
+class PlanSuggestion:
+    measurement: int  # residual index whose direction every entry uses
+    edited_layers: list[int]  # contiguous decoder layers, ascending
+    alignment: dict[int, float | None]  # decoder layer -> cos(direction at its output, chosen direction)
+    candidates: range  # measurement indices that were considered
+    ranking: list[int]  # the best candidates by score, best first
+
+    @property
+    def outside_neighbours(self) -> list[int]:
+        """The decoder layers just below and above the edited run, with their alignment known."""
+        return [
+            layer
+            for layer in (self.edited_layers[0] - 1, self.edited_layers[-1] + 1)
+            if layer in self.alignment
+        ]
+
+
+def best_layers(
+    report: SignalReport, indices: range | None = None, count: int = BEST_LAYER_COUNT
+) -> list[int]:
+    """Layer indices with a positive score, best first (ties: the earlier layer)."""
+    pool = [
+        signal
+        for signal in report.layers
+        if signal.score > 0 and (indices is None or signal.index in indices)
+    ]
+    return [signal.index for signal in sorted(pool, key=lambda signal: (-signal.score, signal.index))[:count]]
+
+
+def candidate_measurements(report: SignalReport, num_layers: int) -> range:
+    last_measured = report.layers[-1].index
+    return range(1, min(max(1, math.floor(LATEST_MEASUREMENT_FRACTION * num_layers)), last_measured) + 1)
+
+
+def output_alignment(report: SignalReport, decoder_layer: int, measurement: int) -> float | None:
+    """cos(direction of the residual that `decoder_layer` writes, direction at `measurement`)."""
+    written = decoder_layer + 1
+    if written >= len(report.layers):
+        return None  # llm-abliteration files stop at N - 1
+    value = float(report.direction_cosines[written, measurement])
+    return None if math.isnan(value) else value
+
+
+def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None:
+    """The heuristic above; None when no candidate layer carries any signal."""
+    candidates = candidate_measurements(report, num_layers)
+    ranking = best_layers(report, candidates)
+    if not ranking:
+        return None
+    measurement = ranking[0]
+    alignment = {layer: output_alignment(report, layer, measurement) for layer in range(num_layers)}
+
+    def aligned(layer: int) -> bool:
+        value = alignment.get(layer)
+        return value is not None and value >= ALIGNMENT_THRESHOLD
+
+    first = last = measurement - 1
+    while aligned(first - 1):
+        first -= 1
+    while aligned(last + 1):
+        last += 1
+    return PlanSuggestion(
+        measurement=measurement,
+        edited_layers=list(range(first, last + 1)),
+        alignment=alignment,
+        candidates=candidates,
+        ranking=ranking,
+    )
+
+
+def check_model_matches(config: dict[str, Any], measurements: Measurements, model: str) -> None:
+    """The plan's model must be the measured one: same decoder layer count and hidden size."""
+    text_config = config.get("text_config") or config
+    expected = {"num_hidden_layers": measurements.num_layers, "hidden_size": measurements.hidden_size}
+    for key, measured in expected.items():
+        actual = text_config.get(key)
+        if actual is not None and actual != measured:
+            raise UserError(
+                f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
+                f"{measured}; pass the model the measurements came from"
+            )
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _explain_measurement(suggestion: PlanSuggestion, report: SignalReport, num_layers: int) -> list[str]:
+    chosen = report.layer(suggestion.measurement)
+    separation_part = (
+        f" x S/(1+S) with separation S {_number(chosen.separation)}"
+        if report.has_variances
+        else " (no variances in the file: separation n/a, not in the score)"
+    )
+    runners_up = ", ".join(
+        f"layer {index} ({_number(report.layer(index).score)})" for index in suggestion.ranking[1:]
+    )
+    lines = [
+        f"Measurement layer {chosen.index} (the residual stream entering decoder layer {chosen.index}):",
+        f"  the best signal-quality score among measurement layers {suggestion.candidates.start}.."
+        f"{suggestion.candidates.stop - 1} of 0..{num_layers}; later layers are skipped, their",
+        "  directions mostly describe the output tokens.",
+        f"  score {_number(chosen.score)} = relative magnitude {_number(chosen.relative_magnitude)}"
+        f" x purity {_number(chosen.purity)}{separation_part}",
+        f"  cos(harmful, harmless) {_number(chosen.cos_harmful_harmless)}, "
+        f"|refusal| {_number(chosen.refusal_norm)}",
+    ]
+    if runners_up:
+        lines.append(f"  runners-up: {runners_up}")
+    return lines
+
+
+def _explain_range(suggestion: PlanSuggestion) -> list[str]:
+    first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
+    lines = [
+        f"Edited decoder layers {first}..{last}: decoder layer l writes the residual l+1. Starting",
+        f"  from layer {suggestion.measurement - 1}, which writes the measured residual, the run grows both",
+        f"  ways while the direction measured at each layer's output keeps cos >= {ALIGNMENT_THRESHOLD}",
+        "  with the chosen one.",
+    ]
+    outside = [
+        f"layer {layer} (cos {_number(suggestion.alignment[layer], 3)})"
+        for layer in suggestion.outside_neighbours
+    ]
+    if outside:
+        lines.append(f"  Just outside the run: {', '.join(outside)}.")
+    return lines
+
+
+def plan_yaml(
+    suggestion: PlanSuggestion,
+    report: SignalReport,
+    num_layers: int,
+    *,
+    model: str,
+    measurements: Path,
+    output: str,
+) -> str:
+    """The plan as YAML text with comments giving the numbers behind each choice."""
+    comments = [
+        f"Ablation plan suggested by analyze.py from {measurements.name}. A starting point: edit it,",
+        "check it with `python sharded_ablate.py PLAN.yml --dry-run`, then run it.",
+        "",
+        *_explain_measurement(suggestion, report, num_layers),
+        "",
+        *_explain_range(suggestion),
+        "scale: 1.0 removes the direction fully, 0 not at all, negative adds it; sparsity (0, 1] keeps the",
+        "largest direction components only. The full table: python analyze.py MEASUREMENTS.pt",
+    ]
+    lines = [f"# {line}".rstrip() for line in comments]
+    # JSON strings are valid YAML double-quoted scalars, so any path is quoted safely.
+    lines += [
+        f"model: {json.dumps(model)}",
+        f"measurements: {json.dumps(str(measurements))}",
+        f"output: {json.dumps(output)}",
+        f"scale: {DEFAULT_SCALE}  # global multiplier of every entry's scale",
+        "ablate:",
+    ]
+    for layer in suggestion.edited_layers:
+        alignment = _number(suggestion.alignment[layer], 3)
+        lines += [
+            f"  - layer: {layer}  # cos(direction at its output, chosen) = {alignment}",
+            f"    measurement: {suggestion.measurement}",
+            f"    scale: {DEFAULT_SCALE}",
+            f"    sparsity: {DEFAULT_SPARSITY}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def check_plan_destination(path: Path) -> None:
+    """A plan is meant to be hand-edited: never overwrite one."""
+    check_writable_destination(path, "--suggest")
+    if path.exists():
+        raise UserError(
+            f"--suggest {path}: already exists; a plan may hold hand edits, so choose a new path or delete it"
+        )
+
+
+def write_plan(text: str, path: Path) -> None:
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

@@ -1,0 +1,409 @@
+"""analyze.py: metrics on files of known geometry, the plan heuristic, the chart, the CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from matplotlib import image as matplotlib_image
+
+import analyze
+from lib.charts import CHART_PIXELS
+from lib.errors import UserError, run_cli
+from lib.measurements import load_measurements
+from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
+from lib.signal_metrics import analyze_measurements
+from tests.conftest import FixtureFactory
+from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# Residual layers 0..12 (N = 12). The signal peaks at layer 5; the alignments with the planted
+# direction decide the edited range by hand: decoder layer l writes residual l + 1, so starting
+# from layer 4 (writes 5), layers 3, 2 (alignments 0.9, 0.55 of residuals 4, 3) join, layer 1
+# (0.3) stops the run below; layers 5, 6, 7 (0.95, 0.7, 0.52) join, layer 8 (0.4) stops it above.
+# Residuals 10..12 are aligned again but not contiguous with the run.
+PEAK_LAYER = 5
+MAGNITUDES = [0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0]
+ALIGNMENTS = [1.0, 0.1, 0.3, 0.55, 0.9, 1.0, 0.95, 0.7, 0.52, 0.4, 0.8, 0.9, 0.9]
+EXPECTED_EDITED_LAYERS = [2, 3, 4, 5, 6, 7]
+
+
+def run_analyze(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run the CLI in-process exactly as `python analyze.py ...` does; return (status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(analyze.main, argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def hand_built_file(path: Path) -> Path:
+    """Layer 0: identical means. Layer 1: orthogonal means 3e0 / 4e1. Layer 2: a rotated direction."""
+    variance_harmful = torch.full((HIDDEN_SIZE,), 7.0)  # 7 where d is zero: must not matter
+    variance_harmless = torch.full((HIDDEN_SIZE,), 7.0)
+    variance_harmful[:2] = torch.tensor([1.0, 2.0])
+    variance_harmless[:2] = torch.tensor([3.0, 4.0])
+    means = {
+        0: (2 * unit(5), 2 * unit(5)),
+        1: (3 * unit(0), 4 * unit(1)),
+        2: (4 * unit(1) + 2 * unit(0) + 2 * unit(2), 4 * unit(1)),
+    }
+    content: dict[str, object] = {"layers": 2}
+    for layer, (harmful, harmless) in means.items():
+        refusal = harmful - harmless
+        content |= {
+            f"harmful_{layer}": harmful.float(),
+            f"harmless_{layer}": harmless.float(),
+            f"refuse_{layer}": refusal.float(),
+            f"refusenorm_{layer}": (refusal / refusal.norm() if refusal.any() else refusal).float(),
+            f"harmful_var_{layer}": variance_harmful,
+            f"harmless_var_{layer}": variance_harmless,
+        }
+    return save(content, path)
+
+
+def test_identical_means_give_no_signal(tmp_path: Path) -> None:
+    report = analyze_measurements(load_measurements(hand_built_file(tmp_path / "m.pt")))
+    identical = report.layer(0)
+    assert (identical.harmful_norm, identical.harmless_norm, identical.refusal_norm) == (2.0, 2.0, 0.0)
+    assert identical.cos_harmful_harmless == pytest.approx(1.0)
+    assert identical.relative_magnitude == 0.0 and identical.score == 0.0
+    assert identical.cos_harmful_direction is None and identical.cos_harmless_direction is None
+    assert identical.purity is None and identical.separation is None and identical.cos_previous is None
+
+
+def test_orthogonal_means_match_hand_computed_metrics(tmp_path: Path) -> None:
+    report = analyze_measurements(load_measurements(hand_built_file(tmp_path / "m.pt")))
+    layer = report.layer(1)
+    # h+ = 3e0, h- = 4e1, r = (3, -4), |r| = 5, d = (0.6, -0.8)
+    assert (layer.harmful_norm, layer.harmless_norm, layer.refusal_norm) == pytest.approx((3.0, 4.0, 5.0))
+    assert layer.cos_harmful_harmless == pytest.approx(0.0, abs=1e-12)
+    assert layer.cos_harmful_direction == pytest.approx(0.6)
+    assert layer.cos_harmless_direction == pytest.approx(-0.8)
+    assert layer.relative_magnitude == pytest.approx(5 / 4)
+    assert layer.purity == pytest.approx(3 / 5)  # r minus its e1 component is (3, 0)
+    # projected variances: harmful 1*0.36 + 2*0.64 = 1.64, harmless 3*0.36 + 4*0.64 = 3.64; pooled 2.64
+    separation = 25 / 2.64
+    assert layer.separation == pytest.approx(separation)
+    assert layer.score == pytest.approx(5 / 4 * 3 / 5 * separation / (1 + separation))
+    assert layer.cos_previous is None  # layer 0 has no direction
+    rotated = report.layer(2)  # d = (1, 0, 1) / sqrt 2
+    assert rotated.cos_previous == pytest.approx(0.6 / math.sqrt(2))
+    assert rotated.purity == pytest.approx(1.0) and rotated.cos_harmless_direction == pytest.approx(
+        0.0, abs=1e-7
+    )
+
+
+def test_projected_direction_uses_the_stored_unit_vector(tmp_path: Path) -> None:
+    # --projected files store d orthogonalised against h-: here r = (3, -4) becomes d = e0.
+    content = torch.load(hand_built_file(tmp_path / "m.pt"), weights_only=True)
+    content["refusenorm_1"] = unit(0).float()
+    layer = analyze_measurements(load_measurements(save(content, tmp_path / "projected.pt"))).layer(1)
+    assert layer.cos_harmless_direction == pytest.approx(
+        0.0
+    ) and layer.cos_harmful_direction == pytest.approx(1.0)
+    assert layer.separation == pytest.approx(3**2 / ((1.0 + 3.0) / 2))  # (r.d)^2 / mean of v0's
+    assert layer.purity == pytest.approx(3 / 5)  # purity describes the raw vector
+
+
+def test_planted_direction_is_suggested_with_its_aligned_range(tmp_path: Path) -> None:
+    measurements = load_measurements(save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt"))
+    report = analyze_measurements(measurements)
+    assert report.has_variances
+    for index, magnitude in enumerate(MAGNITUDES):
+        signal = report.layer(index)
+        relative = magnitude / math.hypot(10.0, magnitude)  # |h+|^2 = |h-|^2 + a^2, |h-| = 10
+        separation = magnitude**2 / 4.0  # every variance is 4
+        assert signal.relative_magnitude == pytest.approx(relative, rel=1e-5)
+        if magnitude:
+            assert signal.separation == pytest.approx(separation, rel=1e-5)
+            assert signal.score == pytest.approx(relative * separation / (1 + separation), rel=1e-5)
+    suggestion = suggest_plan(report, measurements.num_layers)
+    assert suggestion.measurement == PEAK_LAYER
+    assert suggestion.edited_layers == EXPECTED_EDITED_LAYERS
+    assert all(suggestion.alignment[layer] >= ALIGNMENT_THRESHOLD for layer in EXPECTED_EDITED_LAYERS)
+
+
+def test_llm_abliteration_file_has_no_separation_but_still_scores_and_suggests(tmp_path: Path) -> None:
+    content = planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True)
+    assert not any(key.startswith(("refusenorm", "harmful_var", "meta")) for key in content)
+    measurements = load_measurements(save(content, tmp_path / "old.pt"))
+    assert measurements.num_layers == len(MAGNITUDES)  # residuals 0..N-1
+    report = analyze_measurements(measurements)
+    assert not report.has_variances and all(signal.separation is None for signal in report.layers)
+    peak = report.layer(PEAK_LAYER)
+    assert peak.score == pytest.approx(peak.relative_magnitude * peak.purity)
+    suggestion = suggest_plan(report, measurements.num_layers)
+    assert (suggestion.measurement, suggestion.edited_layers) == (PEAK_LAYER, EXPECTED_EDITED_LAYERS)
+
+
+def test_late_peak_is_ranked_but_not_used_for_measurement(tmp_path: Path) -> None:
+    magnitudes = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 4.0, 3.0, 2.0, 2.0, 3.0, 12.0, 5.0]
+    report = analyze_measurements(
+        load_measurements(save(planted_measurements(magnitudes, ALIGNMENTS), tmp_path / "m.pt"))
+    )
+    suggestion = suggest_plan(report, 12)
+    assert max(report.layers, key=lambda signal: signal.score).index == 11
+    assert suggestion.candidates == range(1, 10)  # floor(0.8 * 12) = 9
+    assert suggestion.measurement == 5
+
+
+def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = save(
+        planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True), tmp_path / "old.pt"
+    )
+    status, table, _ = run_analyze([str(path)], capsys)
+    assert status == 0
+    rows = [line.split() for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(row[0]) for row in rows] == list(range(len(MAGNITUDES)))
+    assert rows[PEAK_LAYER][-1] == "*1" and all(row[8] == "n/a" for row in rows)
+    status, printed, _ = run_analyze([str(path), "--json"], capsys)
+    data = json.loads(printed)
+    expected = analyze_measurements(load_measurements(path))
+    assert status == 0 and data["best_layers"][0] == PEAK_LAYER and data["has_variances"] is False
+    assert [layer["score"] for layer in data["layers"]] == [signal.score for signal in expected.layers]
+    assert data["suggestion"]["edited_layers"] == EXPECTED_EDITED_LAYERS
+    assert data["direction_cosines"][0][0] is None  # layer 0 has no direction
+    assert data["direction_cosines"][PEAK_LAYER][PEAK_LAYER] == pytest.approx(1.0)
+
+
+def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path) -> None:
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    # An interactive backend and no display: any attempt to open a window would fail, and pyplot
+    # (the only way to open one) must not even be imported.
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")
+    }
+    environment["MPLBACKEND"] = "TkAgg"
+    script = (
+        "import sys, analyze\n"
+        "status = analyze.main(sys.argv[1:])\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), "--chart"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    chart = tmp_path / "m.png"  # default: beside the measurements
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    pixels = matplotlib_image.imread(chart)
+    assert pixels.shape[:2] == (CHART_PIXELS[1], CHART_PIXELS[0])
+    assert pixels[..., :3].std() > 0.05  # something was drawn
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+
+
+def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    environment = {**os.environ, "MPLBACKEND": "Agg"}  # non-interactive: show() returns at once
+    script = (
+        "import sys, analyze\n"
+        "status = analyze.main(sys.argv[1:])\n"
+        "from matplotlib import pyplot\n"
+        "assert len(pyplot.figure(1).axes) > 6, 'the chart was not drawn on a pyplot figure'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), "--show"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [entry.name for entry in tmp_path.iterdir()] == ["m.pt"]
+
+
+def suggest_for_fixture(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> tuple[Path, Path]:
+    """A 4-layer llama fixture and a plan suggested from a matching synthetic file (peak at 2)."""
+    model = tiny_model("llama")
+    measurements = save(
+        planted_measurements([0.0, 2.0, 5.0, 3.0, 1.0], [1.0, 0.8, 1.0, 0.9, 0.2]), tmp_path / "m.pt"
+    )
+    plan = tmp_path / "plan.yml"
+    status, _, error = run_analyze(
+        [
+            str(measurements),
+            "--suggest",
+            str(plan),
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / "ablated"),
+        ],
+        capsys,
+    )
+    assert status == 0, error
+    return model, plan
+
+
+def test_suggested_plan_is_valid_commented_yaml(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    text = plan.read_text()
+    parsed = yaml.safe_load(text)
+    assert set(parsed) == {"model", "measurements", "output", "scale", "ablate"}
+    assert Path(parsed["model"]) == model.resolve() and Path(parsed["measurements"]).is_file()
+    assert Path(parsed["output"]).is_absolute() and parsed["scale"] == 1.0
+    # decoder layers 0, 1, 2 write residuals 1, 2, 3 (alignments 0.8, 1, 0.9); layer 3 writes 4 (0.2)
+    assert [entry["layer"] for entry in parsed["ablate"]] == [0, 1, 2]
+    for entry in parsed["ablate"]:
+        assert entry == {"layer": entry["layer"], "measurement": 2, "scale": 1.0, "sparsity": 1.0}
+    assert "score" in text and "separation S" in text and "cos >= 0.5" in text  # the numbers behind it
+    status, _, error = run_analyze(
+        [
+            str(tmp_path / "m.pt"),
+            "--suggest",
+            str(plan),
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / "other"),
+        ],
+        capsys,
+    )
+    assert status == 2 and "already exists" in error and plan.read_text() == text
+
+
+@pytest.mark.skipif(
+    not (REPOSITORY / "sharded_ablate.py").exists(),
+    reason="sharded_ablate.py comes from the ablation branch; this runs once both are merged",
+)
+def test_suggested_plan_passes_sharded_ablate_dry_run(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    result = subprocess.run(
+        [sys.executable, "sharded_ablate.py", str(plan), "--dry-run"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ablated").exists()
+
+
+def test_suggest_refuses_a_model_with_another_layer_count(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    measurements = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")  # 12 layers
+    status, _, error = run_analyze(
+        [
+            str(measurements),
+            "--suggest",
+            str(tmp_path / "plan.yml"),
+            "--model",
+            str(tiny_model("llama")),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
+    assert status == 2 and "num_hidden_layers=4" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "plan.yml").exists()
+
+
+def _without_layer(content: dict, layer: int) -> dict:
+    return {key: value for key, value in content.items() if not key.endswith(f"_{layer}")}
+
+
+def _with(content: dict, key: str, value: object) -> dict:
+    return {**content, key: value}
+
+
+class _OpensAFile:
+    """Unpickling this with weights_only=False would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+GOOD = planted_measurements(MAGNITUDES, ALIGNMENTS)
+NAN_VECTOR = torch.ones(HIDDEN_SIZE)
+NAN_VECTOR[3] = math.nan
+BAD_FILES = {
+    "not a torch file": (b"layer,score\n1,0.5\n", "not a measurement file"),
+    "a list": ([torch.ones(3)], "not a measurement file"),
+    "missing layer": (_without_layer(GOOD, 4), "missing layer(s) 4"),
+    "layer beyond N": (_with(GOOD, "refuse_14", torch.ones(HIDDEN_SIZE)), "'layers' is 12"),
+    "NaN vector": (_with(GOOD, "harmful_3", NAN_VECTOR), "'harmful_3' contains NaN"),
+    "negative variance": (_with(GOOD, "harmless_var_2", -torch.ones(HIDDEN_SIZE)), "negative"),
+    "wrong size inside a layer": (_with(GOOD, "harmful_var_2", torch.ones(8)), "different sizes"),
+    "no means": ({key: value for key, value in GOOD.items() if not key.startswith("harm")}, "means"),
+    "arbitrary object": (_with(GOOD, "meta", {"path": Path("/")}), "not a measurement file"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_input_is_one_line_and_status_2(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    content, message = BAD_FILES[name]
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    status, out, error = run_analyze([str(path), "--chart"], capsys)
+    assert status == 2 and out == ""
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1 and message in error
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["bad.pt"]  # no chart, no temporary
+
+
+def test_pickle_is_never_executed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save(_with(GOOD, "meta", _OpensAFile(marker)), path)
+    status, _, error = run_analyze([str(path)], capsys)
+    assert status == 2 and "not a measurement file" in error
+    assert not marker.exists()  # weights_only=True refused it before running anything
+    torch.load(path, weights_only=False)  # the same file, loaded unsafely, does run code
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--chart", "chart.jpg"], "must be a .png path"),
+        (["--chart", "/nonexistent-directory/chart.png"], "does not exist"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = save(GOOD, tmp_path / "m.pt")
+    status, _, error = run_analyze([str(path), *extra], capsys)
+    assert status == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra", [["--suggest", "plan.yml"], ["--model", "x"], ["--suggest", "p.yml", "--output", "o"]]
+)
+def test_suggest_flags_come_together(extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    status, _, error = run_analyze([str(save(GOOD, tmp_path / "m.pt")), *extra], capsys)
+    assert status == 2 and "--suggest" in error
+
+
+def test_zero_direction_layers_load_but_cannot_be_used_for_ablation(tmp_path: Path) -> None:
+    measurements = load_measurements(save(GOOD, tmp_path / "m.pt"))
+    assert not measurements.layer(0).has_direction and measurements.layer(1).has_direction
+    with pytest.raises(UserError, match="layer 0 has no refusal direction"):
+        measurements.direction(0)
