@@ -281,10 +281,6 @@ def test_suggested_plan_is_valid_commented_yaml(
     assert status == 2 and "already exists" in error and plan.read_text() == text
 
 
-@pytest.mark.skipif(
-    not (REPOSITORY / "sharded_ablate.py").exists(),
-    reason="sharded_ablate.py comes from the ablation branch; this runs once both are merged",
-)
 def test_suggested_plan_passes_sharded_ablate_dry_run(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
