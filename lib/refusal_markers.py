@@ -35,7 +35,7 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 def normalize_text(text: str) -> str:
-    """The form markers are matched in: NFKC, ASCII apostrophes, no markdown marks, single spaces, lower case."""
+    """The form markers match in: NFKC, ASCII apostrophes, no markdown marks, single spaces, lower case."""
     # Before NFKC too: it decomposes the acute accent (´) into a space and a combining mark.
     plain = unicodedata.normalize("NFKC", text.translate(_TYPOGRAPHY)).translate(_TYPOGRAPHY)
     return _WHITESPACE.sub(" ", plain).strip().casefold()
@@ -80,7 +80,9 @@ def load_refusal_detector(path: Path = DEFAULT_REFUSAL_MARKERS, flag: str = "--m
     """Read a marker file (one phrase per line, `#` comments); errors name `flag` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found" if not path.exists() else f"{flag} {path}: not a file")
+        raise UserError(
+            f"{flag} {path}: file not found" if not path.exists() else f"{flag} {path}: not a file"
+        )
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
@@ -93,7 +95,9 @@ def load_refusal_detector(path: Path = DEFAULT_REFUSAL_MARKERS, flag: str = "--m
             continue
         marker = normalize_text(line)
         if not marker:
-            raise UserError(f"{flag} {path}: line {number}: the marker {line.strip()!r} is empty once normalised")
+            raise UserError(
+                f"{flag} {path}: line {number}: the marker {line.strip()!r} is empty once normalised"
+            )
         markers.append(marker)
     if not markers:
         raise UserError(f"{flag} {path}: contains no markers (one phrase per line; # starts a comment)")
