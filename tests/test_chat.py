@@ -53,6 +53,17 @@ def test_sampling_with_temperature_and_top_p(tiny_model, capsys) -> None:
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_quantised_loading_and_flash_attention_fallback(tiny_model, capsys) -> None:
+    arguments = ["--model", str(tiny_model("llama")), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert main([*arguments, "--quant", "8bit", "--flash-attn", "--device-map", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n")
+    assert (
+        "warning: --flash-attn: FlashAttention needs a CUDA device; using the default attention"
+        in captured.err
+    )
+
+
 def test_system_message_reaches_the_template(tiny_model, capsys) -> None:
     model = tiny_model("llama")
     assert (

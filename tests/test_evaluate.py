@@ -17,8 +17,8 @@ from evaluate import main
 from lib.chat_format import tokenize_chat_prompts
 from lib.errors import run_cli
 from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
-from lib.generation import DecodingSettings
-from lib.loading import ModelLoadOptions
+from lib.generation import DecodingSettings, generate_replies
+from lib.loading import ModelLoadOptions, load_model_and_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
 from tests.fixtures import build_tokenizer
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply
@@ -123,6 +123,32 @@ def test_batched_replies_equal_transformers_generate_alone(tiny_model, two_model
             for reply in replies:
                 messages = [{"role": "user", "content": reply["prompt"]}]
                 assert reply["reply"] == reference_greedy_reply(model, messages, MAX_NEW_TOKENS)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "gemma3"])
+def test_batched_generation_on_other_families(tiny_model, model_type: str) -> None:
+    """Sliding-window attention (GPT-OSS) and a multimodal wrapper with soft-capped logits (Gemma 3):
+    left-padded batches give each prompt the reply and first-token distribution it gets alone."""
+    directory = tiny_model(model_type)
+    model, tokenizer = load_model_and_tokenizer(str(directory), ModelLoadOptions(device_map="cpu"))
+    prompts = [HARMLESS_PROMPTS[2], "hi", HARMLESS_PROMPTS[5], HARMLESS_PROMPTS[0]]
+    generated = generate_replies(
+        model,
+        tokenizer,
+        tokenize_chat_prompts(tokenizer, prompts),
+        DecodingSettings(MAX_NEW_TOKENS),
+        batch_size=4,
+        keep_first_token_log_probabilities=True,
+    )
+    for index, prompt in enumerate(prompts):
+        messages = [{"role": "user", "content": prompt}]
+        assert generated.replies[index] == reference_greedy_reply(directory, messages, MAX_NEW_TOKENS)
+        torch.testing.assert_close(
+            generated.first_token_log_probabilities[index],
+            reference_first_token_log_probabilities(directory, prompt),
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_refusal_counts_follow_the_detector(two_models_report) -> None:
