@@ -14,12 +14,14 @@ from a second pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from lib.chat_format import left_pad, pad_token_id_of
 from lib.loading import input_device
@@ -105,6 +107,28 @@ def first_token_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.float64), dim=-1).cpu()
 
 
+class StepProgress(BaseStreamer):
+    """Shows the decoding step of the batch in progress on its progress bar, so that a long batch
+    visibly advances (generate() hands over the prompts once, then every new token)."""
+
+    REFRESH_SECONDS = 0.5
+
+    def __init__(self, progress: tqdm, batch_size: int, max_new_tokens: int) -> None:
+        self.progress = progress
+        self.description = f"batch of {batch_size}, token {{}}/{max_new_tokens}"
+        self.calls = 0
+        self.last_refresh = time.monotonic()
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls > 1 and time.monotonic() - self.last_refresh >= self.REFRESH_SECONDS:
+            self.progress.set_postfix_str(self.description.format(self.calls - 1))
+            self.last_refresh = time.monotonic()
+
+    def end(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class GeneratedReplies:
     replies: list[str]  # in the order of the prompts given
@@ -145,14 +169,17 @@ def generate_replies(
             batch = left_pad([token_id_lists[index] for index in indices], config.pad_token_id).to(device)
             try:
                 with FirstForwardLogits(model) as first:
-                    sequences = model.generate(**batch.model_inputs(), generation_config=config)
+                    sequences = model.generate(
+                        **batch.model_inputs(),
+                        generation_config=config,
+                        streamer=StepProgress(progress, len(indices), settings.max_new_tokens),
+                    )
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
                     raise
                 sizer.shrink_after_out_of_memory()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # hand the failed batch's cached blocks back before retrying
-                progress.set_postfix(batch_size=sizer.size)
                 continue
             new_tokens = sequences[:, batch.input_ids.shape[1] :].cpu()
             for row, index in enumerate(indices):
