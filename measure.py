@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lib.arguments import non_negative_integer, positive_integer
 from lib.atomic import check_writable_destination
 from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
 from lib.errors import run_cli
@@ -20,20 +21,6 @@ from lib.model_files import resolve_model_directory
 from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts
 from lib.refusal import measurement_meta, refusal_measurements
 from lib.residual_capture import measure_last_token_residuals
-
-
-def _positive_integer(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_integer(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (automatic) or more, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=_non_negative_integer,
+        type=non_negative_integer,
         default=0,
         metavar="N",
         help="prompts per forward pass; 0 (default) = automatic: the largest batch that fits, "
@@ -76,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-prompts",
-        type=_positive_integer,
+        type=positive_integer,
         default=None,
         metavar="N",
         help="use only the first N prompts of each file (default: all)",

@@ -81,11 +81,28 @@ def tokenize_chat_prompts(
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     texts = render_chat_prompts(tokenizer, prompts, system_prompt)
     prefix = bos_prefix(tokenizer)
-    token_ids = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids = list(ids)
-        token_ids.append(ids if ids[: len(prefix)] == prefix else prefix + ids)
-    return token_ids
+    return [_with_one_bos(ids, prefix) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], system_flag: str = "--system"
+) -> list[int]:
+    """Token ids of a whole multi-turn conversation awaiting the assistant's next reply, one leading BOS.
+
+    `system_flag` names the flag that set the system message, for a template that rejects it.
+    """
+    require_chat_template(tokenizer, "--model")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except TemplateError as error:
+        flag = system_flag if any(message["role"] == "system" for message in messages) else "--model"
+        raise UserError(f"{flag}: the model's chat template rejected the conversation ({error})") from None
+    return _with_one_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos_prefix(tokenizer))
+
+
+def _with_one_bos(ids: Sequence[int], prefix: list[int]) -> list[int]:
+    ids = list(ids)
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
 
 
 @dataclass(frozen=True)

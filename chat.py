@@ -1,0 +1,170 @@
+"""Chat with a model in the terminal, replies streamed as they are generated; or answer one --prompt.
+
+The conversation's history goes through the model's chat template for every reply. Commands:
+/clear, /system TEXT, /exit (see lib/chat_session.py). Decoding is greedy unless --temperature
+is above 0. See docs/evaluate.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lib.arguments import non_negative_float, positive_integer, probability
+from lib.chat_format import require_chat_template, tokenize_conversation
+from lib.chat_session import HELP_TEXT, Action, Conversation, parse_line
+from lib.errors import UserError, run_cli, warn
+from lib.generation import DecodingSettings, stream_reply
+from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer, text_config
+from lib.model_files import resolve_model_directory
+
+PROMPT = "> "
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Chat with a model (e.g. the output of sharded_ablate.py); replies stream as they are "
+        "generated. Commands in the chat: /clear forgets the conversation, /system TEXT sets the system "
+        "message, /exit quits.",
+    )
+    parser.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="DIR",
+        help="local model directory or a hub id in the local cache",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="answer this one message, print the reply and exit (for scripts and tests)",
+    )
+    parser.add_argument(
+        "--system", default=None, metavar="TEXT", help="system message at the start of the conversation"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_integer,
+        default=512,
+        metavar="N",
+        help="longest reply in tokens (default: 512)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        metavar="T",
+        help="0 (default) decodes greedily (always the most likely token); above 0 samples with this "
+        "temperature",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=probability,
+        default=1.0,
+        metavar="P",
+        help="when sampling, draw only from the most likely tokens whose probabilities add up to P "
+        "(default: 1.0, all tokens)",
+    )
+    add_model_loading_arguments(parser, quantization_flags=("--quant",))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    if arguments.prompt is not None and not arguments.prompt.strip():
+        raise UserError("--prompt: the message is empty")
+    if arguments.top_p < 1 and arguments.temperature == 0:
+        warn("--top-p only applies when sampling; add --temperature above 0")
+    # The tokenizer and template are checked before the (slow) weights load.
+    model_directory = resolve_model_directory(arguments.model, "--model")
+    label = f"--model {arguments.model}"
+    tokenizer = load_tokenizer(model_directory, label)
+    require_chat_template(tokenizer, label)
+    conversation = Conversation(system_prompt=arguments.system)
+    tokenize_conversation(tokenizer, conversation.messages("hello"))  # a template may reject --system
+    model = load_model(model_directory, ModelLoadOptions.from_arguments(arguments), label)
+    settings = DecodingSettings(arguments.max_new_tokens, arguments.temperature, arguments.top_p)
+
+    if arguments.prompt is not None:
+        reply(model, tokenizer, conversation, arguments.prompt, settings)
+        return 0
+    import readline  # noqa: F401  (imported for its effect: line editing and history in input())
+
+    print(f"chatting with {arguments.model}; {HELP_TEXT}", file=sys.stderr)
+    chat_loop(model, tokenizer, conversation, settings)
+    return 0
+
+
+def chat_loop(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+    settings: DecodingSettings,
+) -> None:
+    """Read lines until /exit or end of input; answer messages and carry out commands."""
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D quits)")
+            continue
+        typed = parse_line(line)
+        if typed.action is Action.EXIT:
+            return
+        if typed.action is Action.SEND:
+            try:
+                reply(model, tokenizer, conversation, typed.text, settings)
+            except KeyboardInterrupt:
+                print("\n(reply stopped; it is not kept in the conversation)")
+        elif typed.action is Action.CLEAR:
+            conversation.clear()
+            print("(conversation cleared)")
+        elif typed.action is Action.SYSTEM:
+            set_system_prompt(tokenizer, conversation, typed.text or None)
+        elif typed.action is Action.HELP:
+            print(HELP_TEXT)
+        elif typed.action is Action.UNKNOWN:
+            print(f"unknown command {typed.text}; {HELP_TEXT}")
+
+
+def reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+    message: str,
+    settings: DecodingSettings,
+) -> None:
+    """Stream the model's reply to `message` and add the exchange to the conversation."""
+    token_ids = tokenize_conversation(tokenizer, conversation.messages(message))
+    positions = getattr(text_config(model.config), "max_position_embeddings", None)
+    if positions is not None and len(token_ids) + settings.max_new_tokens > positions:
+        warn(
+            f"the conversation is {len(token_ids)} tokens long; with --max-new-tokens "
+            f"{settings.max_new_tokens} it exceeds the model's {positions} positions (/clear starts over)"
+        )
+    conversation.add_exchange(message, stream_reply(model, tokenizer, token_ids, settings))
+
+
+def set_system_prompt(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, system_prompt: str | None
+) -> None:
+    previous = conversation.system_prompt
+    conversation.system_prompt = system_prompt
+    try:
+        tokenize_conversation(tokenizer, conversation.messages("hello"), system_flag="/system")
+    except UserError as error:
+        conversation.system_prompt = previous
+        print(f"(system message not changed: {error})")
+        return
+    print("(system message removed)" if system_prompt is None else "(system message set)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,213 @@
+"""Generate replies: batched with left padding for evaluation, streamed one at a time for chat.
+
+Decoding is greedy unless a temperature above 0 is given; then it samples with that temperature
+and nucleus (top-p) filtering, and the model's own top-k is switched off so that `--temperature`
+and `--top-p` alone decide. Everything else in the model's `generation_config.json` (end-of-turn
+tokens, a repetition penalty, ...) applies as its authors set it.
+
+Batches hold prompts of similar length (longest first) padded on the left with explicit position
+ids (lib.chat_format.left_pad), which generate() extends token by token, so each reply is the one
+the prompt would get alone. The logits of the first reply token, which the evaluation's KL
+divergence needs, are taken from generate()'s own first forward pass (the whole prompt), not
+from a second pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from lib.chat_format import left_pad, pad_token_id_of
+from lib.loading import input_device
+from lib.residual_capture import BatchSizer, is_out_of_memory, length_sorted_order
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def generation_config(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: DecodingSettings
+) -> GenerationConfig:
+    """The settings for generate(); unset values come from the model's generation_config.json."""
+    values: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "pad_token_id": pad_token_id_of(tokenizer),
+        "do_sample": not settings.greedy,
+    }
+    if not settings.greedy:
+        values.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        values["eos_token_id"] = tokenizer.eos_token_id
+    return GenerationConfig(**values)
+
+
+def end_token_ids(model: PreTrainedModel, config: GenerationConfig) -> set[int]:
+    """The token ids that end a reply (generate() pads a finished row after one of them)."""
+    ids = config.eos_token_id if config.eos_token_id is not None else model.generation_config.eos_token_id
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(token) for token in ids}
+
+
+def reply_text(tokenizer: PreTrainedTokenizerBase, new_token_ids: Sequence[int], end_ids: set[int]) -> str:
+    """The decoded reply: up to its first end token, special tokens dropped, outer whitespace trimmed."""
+    kept: list[int] = []
+    for token in new_token_ids:
+        if int(token) in end_ids:
+            break
+        kept.append(int(token))
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+class FirstForwardLogits:
+    """Keep the last-position logits of a model's first forward call inside the `with` block.
+
+    In generate() that first call runs the whole prompt, so its last position holds the logits of
+    the reply's first token, exactly as the model computed them (after any final soft-capping).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.logits: torch.Tensor | None = None
+        self.handle: Any = None
+
+    def __enter__(self) -> "FirstForwardLogits":
+        self.handle = self.model.register_forward_hook(self._keep_first)
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.handle.remove()
+
+    def _keep_first(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self.logits is None:
+            self.logits = output.logits[:, -1, :].detach().clone()
+
+    def captured(self) -> torch.Tensor:
+        if self.logits is None:
+            raise RuntimeError(f"{type(self.model).__name__} ran no forward pass: no first-token logits")
+        return self.logits
+
+
+def first_token_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the full vocabulary, in float64 on the CPU (logits: [batch, vocab])."""
+    return torch.log_softmax(logits.to(torch.float64), dim=-1).cpu()
+
+
+class StepProgress(BaseStreamer):
+    """Shows the decoding step of the batch in progress on its progress bar, so that a long batch
+    visibly advances (generate() hands over the prompts once, then every new token)."""
+
+    REFRESH_SECONDS = 0.5
+
+    def __init__(self, progress: tqdm, batch_size: int, max_new_tokens: int) -> None:
+        self.progress = progress
+        self.description = f"batch of {batch_size}, token {{}}/{max_new_tokens}"
+        self.calls = 0
+        self.last_refresh = time.monotonic()
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls > 1 and time.monotonic() - self.last_refresh >= self.REFRESH_SECONDS:
+            self.progress.set_postfix_str(self.description.format(self.calls - 1))
+            self.last_refresh = time.monotonic()
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class GeneratedReplies:
+    replies: list[str]  # in the order of the prompts given
+    first_token_log_probabilities: torch.Tensor | None  # [prompts, vocab] float64 on the CPU, if asked
+
+
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    token_id_lists: Sequence[Sequence[int]],
+    settings: DecodingSettings,
+    batch_size: int = 0,
+    description: str = "replies",
+    keep_first_token_log_probabilities: bool = False,
+) -> GeneratedReplies:
+    """Generate a reply to each tokenised prompt, in batches of similar length padded on the left.
+
+    `batch_size` 0 starts from the largest batch the free memory should hold and halves it on an
+    out-of-memory error; a fixed size that runs out of memory stops with advice.
+    """
+    if not token_id_lists:
+        raise ValueError("no prompts to generate replies to")
+    config = generation_config(model, tokenizer, settings)
+    end_ids = end_token_ids(model, config)
+    device = input_device(model)
+    order = length_sorted_order(token_id_lists)
+    longest = len(token_id_lists[order[0]]) + settings.max_new_tokens
+    sizer = BatchSizer(batch_size, model, longest, len(order))
+    replies: dict[int, str] = {}
+    log_probabilities: dict[int, torch.Tensor] = {}
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+    ):
+        start = 0
+        while start < len(order):
+            indices = order[start : start + sizer.size]
+            batch = left_pad([token_id_lists[index] for index in indices], config.pad_token_id).to(device)
+            try:
+                with FirstForwardLogits(model) as first:
+                    sequences = model.generate(
+                        **batch.model_inputs(),
+                        generation_config=config,
+                        streamer=StepProgress(progress, len(indices), settings.max_new_tokens),
+                    )
+            except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(error):
+                    raise
+                sizer.shrink_after_out_of_memory()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # hand the failed batch's cached blocks back before retrying
+                continue
+            new_tokens = sequences[:, batch.input_ids.shape[1] :].cpu()
+            for row, index in enumerate(indices):
+                replies[index] = reply_text(tokenizer, new_tokens[row].tolist(), end_ids)
+            if keep_first_token_log_probabilities:
+                batch_log_probabilities = first_token_log_probabilities(first.captured())
+                log_probabilities.update(zip(indices, batch_log_probabilities))
+            start += len(indices)
+            progress.update(len(indices))
+    in_order = range(len(order))
+    return GeneratedReplies(
+        [replies[index] for index in in_order],
+        torch.stack([log_probabilities[index] for index in in_order]) if log_probabilities else None,
+    )
+
+
+def stream_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[int],
+    settings: DecodingSettings,
+) -> str:
+    """Generate one reply, printing its text to stdout as the tokens arrive; return the whole reply."""
+    config = generation_config(model, tokenizer, settings)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = left_pad([token_ids], config.pad_token_id).to(input_device(model))
+    with torch.inference_mode():
+        sequences = model.generate(**inputs.model_inputs(), generation_config=config, streamer=streamer)
+    return reply_text(
+        tokenizer, sequences[0, inputs.input_ids.shape[1] :].tolist(), end_token_ids(model, config)
+    )
