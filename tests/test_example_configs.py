@@ -8,12 +8,15 @@ here as it would on the real checkpoint.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 import sharded_ablate
@@ -22,7 +25,7 @@ from lib.checkpoint import open_checkpoint
 from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
 from lib.plan import Plan, load_plan
 from lib.resolution import Resolution, resolve
-from tests.fixtures import HIDDEN_SIZE, build_prequantized_fixture
+from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
 
 CONFIG_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIRECTORY.glob("*.yml"))
@@ -36,6 +39,9 @@ class RealModel:
     num_hidden_layers: int
     first_dense_layers: int = 0  # DeepSeek's `first_k_dense_replace`: these layers keep a dense MLP
     packed_format: str | None = None  # the release's pre-quantised format (build_prequantized_fixture)
+    # DeepSeek-V3 stores its multi-token-prediction module as one more layer after the last decoder
+    # layer (`model.layers.61.*`); transformers ignores it, and so must a plan's resolution.
+    stores_prediction_layer: bool = False
 
 
 # One entry per file in configs/, from the released config.json of each model.
@@ -53,7 +59,7 @@ REAL_MODELS: dict[str, RealModel] = {
     "gemma-3-12b-it.yml": RealModel("gemma3", 48),
     "mixtral-8x7b-instruct.yml": RealModel("mixtral", 32),
     "deepseek-v2-lite-chat.yml": RealModel("deepseek_v2", 27, first_dense_layers=1),
-    "deepseek-v3-bf16.yml": RealModel("deepseek_v3", 61, first_dense_layers=3),
+    "deepseek-v3-bf16.yml": RealModel("deepseek_v3", 61, first_dense_layers=3, stores_prediction_layer=True),
 }
 
 
@@ -132,7 +138,7 @@ def real_model_of(config: Path) -> RealModel:
 
 
 @pytest.fixture(scope="module")
-def example_model(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+def example_model(tmp_path_factory: pytest.TempPathFactory):
     """`make(real) -> (model directory, measurement file)`: a tiny model of the family with the real
     layer count, and random measurements of its size; built once per RealModel."""
     built: dict[RealModel, tuple[Path, Path]] = {}
@@ -140,18 +146,38 @@ def example_model(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     def make(real: RealModel) -> tuple[Path, Path]:
         if real not in built:
             options = {"first_k_dense_replace": real.first_dense_layers} if real.first_dense_layers else {}
+            directory = tmp_path_factory.mktemp(real.model_type)
             if real.packed_format:
-                directory = tmp_path_factory.mktemp(f"{real.model_type}-{real.packed_format}")
                 model = build_prequantized_fixture(real.model_type, directory, real.packed_format,
                                                    num_hidden_layers=real.num_hidden_layers, **options)
             else:
-                model = tiny_model(real.model_type, num_hidden_layers=real.num_hidden_layers, **options)
+                model = build_fixture(real.model_type, directory, num_hidden_layers=real.num_hidden_layers, **options)
+            if real.stores_prediction_layer:
+                add_prediction_layer(model, real.num_hidden_layers)
             measurements = tmp_path_factory.mktemp("measurements") / "m.pt"
             write_measurements_like_measure(measurements, real.num_hidden_layers, seed=len(built))
             built[real] = (model, measurements)
         return built[real]
 
     return make
+
+
+def add_prediction_layer(model: Path, layer: int) -> None:
+    """Store a copy of the last decoder layer's tensors as layer `layer`, plus the prediction module's
+    own projection, in a shard of their own, as DeepSeek-V3's release stores its multi-token-prediction
+    module."""
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last, extra = f"model.layers.{layer - 1}.", f"model.layers.{layer}."
+    tensors = {}
+    for name, file_name in index["weight_map"].items():
+        if name.startswith(last):
+            with safe_open(model / file_name, framework="pt") as handle:
+                tensors[extra + name.removeprefix(last)] = handle.get_tensor(name)
+    tensors[f"{extra}eh_proj.weight"] = torch.zeros(HIDDEN_SIZE, 2 * HIDDEN_SIZE)
+    save_file(tensors, model / "model-prediction-layer.safetensors", metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(tensors, "model-prediction-layer.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def write_measurements_like_measure(path: Path, num_layers: int, seed: int) -> None:
