@@ -1,0 +1,275 @@
+"""The example plans in configs/: each is a valid plan as written, and resolves (the `--dry-run` logic)
+against a tiny model of its family built with the real model's layer count, editing exactly the
+layers it names and every residual writer and reader its family has there.
+
+The tiny models keep the real layer count but not the real widths or expert counts: a plan names
+layers and components, never sizes, so a plan that names a layer or a tensor the family lacks fails
+here as it would on the real checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+import sharded_ablate
+from lib.architectures import FAMILIES
+from lib.checkpoint import open_checkpoint
+from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from lib.plan import Plan, load_plan
+from lib.resolution import Resolution, resolve
+from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
+
+CONFIG_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILES = sorted(CONFIG_DIRECTORY.glob("*.yml"))
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """What a plan depends on in the real model's config.json."""
+
+    model_type: str
+    num_hidden_layers: int
+    first_dense_layers: int = 0  # DeepSeek's `first_k_dense_replace`: these layers keep a dense MLP
+    packed_format: str | None = None  # the release's pre-quantised format (build_prequantized_fixture)
+    # DeepSeek-V3 stores its multi-token-prediction module as one more layer after the last decoder
+    # layer (`model.layers.61.*`); transformers ignores it, and so must a plan's resolution.
+    stores_prediction_layer: bool = False
+
+
+# One entry per file in configs/, from the released config.json of each model.
+REAL_MODELS: dict[str, RealModel] = {
+    "gpt-oss-20b-bf16.yml": RealModel("gpt_oss", 24),
+    "gpt-oss-20b-mxfp4.yml": RealModel("gpt_oss", 24, packed_format="mxfp4"),
+    "qwen3-30b-a3b.yml": RealModel("qwen3_moe", 48),
+    "qwen1.5-moe-a2.7b-chat.yml": RealModel("qwen2_moe", 24),
+    "qwen2.5-7b-instruct.yml": RealModel("qwen2", 28),
+    "qwen3-8b.yml": RealModel("qwen3", 36),
+    "llama-3.1-8b-instruct.yml": RealModel("llama", 32),
+    "mistral-7b-instruct-v0.3.yml": RealModel("mistral", 32),
+    "gemma-2-9b-it.yml": RealModel("gemma2", 42),
+    "gemma-3-1b-it.yml": RealModel("gemma3_text", 26),
+    "gemma-3-12b-it.yml": RealModel("gemma3", 48),
+    "mixtral-8x7b-instruct.yml": RealModel("mixtral", 32),
+    "deepseek-v2-lite-chat.yml": RealModel("deepseek_v2", 27, first_dense_layers=1),
+    "deepseek-v3-bf16.yml": RealModel("deepseek_v3", 61, first_dense_layers=3, stores_prediction_layer=True),
+}
+
+
+@dataclass(frozen=True)
+class FamilyTensors:
+    """The tensors a full plan edits in one layer, by component, as the released checkpoints name them.
+
+    Written from the checkpoints, independently of lib/architectures.py. `{expert}` stands for every
+    routed expert; `dense_layer` applies to the first `first_dense_layers` layers of a MoE model.
+    """
+
+    prefix: str
+    layer: dict[str, tuple[str, ...]]
+    biases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    expert_count_key: str | None = None
+    dense_layer: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+_ATTENTION = {"attention_output": ("self_attn.o_proj.weight",)}
+_DENSE_LAYER = {**_ATTENTION, "mlp_output": ("mlp.down_proj.weight",)}
+_DEEPSEEK = FamilyTensors(
+    "model.",
+    {
+        **_ATTENTION,
+        "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+        "shared_expert_output": ("mlp.shared_experts.down_proj.weight",),
+        "router": ("mlp.gate.weight",),
+    },
+    expert_count_key="n_routed_experts",
+    dense_layer=_DENSE_LAYER,
+)
+EXPECTED_TENSORS: dict[str, FamilyTensors] = {
+    **{dense: FamilyTensors("model.", _DENSE_LAYER) for dense in ("llama", "mistral", "qwen2", "qwen3")},
+    "gemma2": FamilyTensors("model.", _DENSE_LAYER),
+    "gemma3_text": FamilyTensors("model.", _DENSE_LAYER),
+    "gemma3": FamilyTensors("language_model.model.", _DENSE_LAYER),
+    "mixtral": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("block_sparse_moe.experts.{expert}.w2.weight",),
+            "router": ("block_sparse_moe.gate.weight",),
+        },
+        expert_count_key="num_local_experts",
+    ),
+    "qwen3_moe": FamilyTensors(
+        "model.",
+        {**_ATTENTION, "mlp_output": ("mlp.experts.{expert}.down_proj.weight",), "router": ("mlp.gate.weight",)},
+        expert_count_key="num_experts",
+    ),
+    "qwen2_moe": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+            "shared_expert_output": ("mlp.shared_expert.down_proj.weight",),
+            "router": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
+        },
+        expert_count_key="num_experts",
+    ),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
+    "gpt_oss": FamilyTensors(
+        "model.",
+        {**_ATTENTION, "mlp_output": ("mlp.experts.down_proj",), "router": ("mlp.router.weight",)},
+        biases={"attention_output": ("self_attn.o_proj.bias",), "mlp_output": ("mlp.experts.down_proj_bias",)},
+    ),
+}
+
+
+def real_model_of(config: Path) -> RealModel:
+    real = REAL_MODELS.get(config.name)
+    assert real is not None, (f"{config.name}: add the real model's model_type and num_hidden_layers to "
+                              "REAL_MODELS in tests/test_example_configs.py")
+    return real
+
+
+@pytest.fixture(scope="module")
+def example_model(tmp_path_factory: pytest.TempPathFactory):
+    """`make(real) -> (model directory, measurement file)`: a tiny model of the family with the real
+    layer count, and random measurements of its size; built once per RealModel."""
+    built: dict[RealModel, tuple[Path, Path]] = {}
+
+    def make(real: RealModel) -> tuple[Path, Path]:
+        if real not in built:
+            options = {"first_k_dense_replace": real.first_dense_layers} if real.first_dense_layers else {}
+            directory = tmp_path_factory.mktemp(real.model_type)
+            if real.packed_format:
+                model = build_prequantized_fixture(real.model_type, directory, real.packed_format,
+                                                   num_hidden_layers=real.num_hidden_layers, **options)
+            else:
+                model = build_fixture(real.model_type, directory, num_hidden_layers=real.num_hidden_layers, **options)
+            if real.stores_prediction_layer:
+                add_prediction_layer(model, real.num_hidden_layers)
+            measurements = tmp_path_factory.mktemp("measurements") / "m.pt"
+            write_measurements_like_measure(measurements, real.num_hidden_layers, seed=len(built))
+            built[real] = (model, measurements)
+        return built[real]
+
+    return make
+
+
+def add_prediction_layer(model: Path, layer: int) -> None:
+    """Store a copy of the last decoder layer's tensors as layer `layer`, plus the prediction module's
+    own projection, in a shard of their own, as DeepSeek-V3's release stores its multi-token-prediction
+    module."""
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last, extra = f"model.layers.{layer - 1}.", f"model.layers.{layer}."
+    tensors = {}
+    for name, file_name in index["weight_map"].items():
+        if name.startswith(last):
+            with safe_open(model / file_name, framework="pt") as handle:
+                tensors[extra + name.removeprefix(last)] = handle.get_tensor(name)
+    tensors[f"{extra}eh_proj.weight"] = torch.zeros(HIDDEN_SIZE, 2 * HIDDEN_SIZE)
+    save_file(tensors, model / "model-prediction-layer.safetensors", metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(tensors, "model-prediction-layer.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def write_measurements_like_measure(path: Path, num_layers: int, seed: int) -> None:
+    """Random means and unit directions for L = 0..num_layers; L = 0 (the embedding output, where
+    every chat-formatted prompt ends in the same token) has equal means and no direction, as in
+    files measure.py writes, so a plan that uses measurement 0 fails."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index in range(num_layers + 1):
+        harmless = torch.randn(HIDDEN_SIZE, generator=generator)
+        harmful = harmless.clone() if index == 0 else torch.randn(HIDDEN_SIZE, generator=generator)
+        refusal = harmful - harmless
+        norm = refusal.norm()
+        direction = refusal / norm if norm > 0 else torch.zeros_like(refusal)
+        layers[index] = LayerMeasurement(harmful, harmless, refusal, direction)
+    save_measurements(Measurements(num_layers, layers, meta={"model": "example-config fixture"}), path)
+
+
+def plan_for_fixture(config: Path, model: Path, measurements: Path, work: Path) -> Path:
+    """The example plan with only `model`, `measurements` and `output` pointed at the fixture."""
+    document = yaml.safe_load(config.read_text())
+    document.update(model=str(model), measurements=str(measurements), output=str(work / "ablated"))
+    rewritten = work / config.name
+    rewritten.write_text(yaml.safe_dump(document, sort_keys=False))
+    return rewritten
+
+
+def planned_layers(plan: Plan) -> set[int]:
+    return {layer for entry in plan.entries for layer in entry.layers}
+
+
+def expected_edits(plan: Plan, real: RealModel, model: Path) -> set[str]:
+    tensors = EXPECTED_TENSORS[real.model_type]
+    # Through transformers' config class: its attribute map accepts the key as released (Qwen3-MoE's
+    # `num_experts`) and as transformers 5 saves it (`num_local_experts`).
+    config = AutoConfig.from_pretrained(model).get_text_config()
+    experts = range(getattr(config, tensors.expert_count_key)) if tensors.expert_count_key else range(0)
+    names = set()
+    for entry in plan.entries:
+        components = entry.options.components
+        for layer in entry.layers:
+            by_component = tensors.dense_layer if layer < real.first_dense_layers else tensors.layer
+            for component in components & set(by_component):
+                suffixes = by_component[component]
+                if "biases" in components:  # the biases of the selected writers
+                    suffixes += tensors.biases.get(component, ())
+                for suffix in suffixes:
+                    names.update(f"{tensors.prefix}layers.{layer}.{suffix.format(expert=expert)}"
+                                 for expert in (experts if "{expert}" in suffix else [None]))
+    return names
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=lambda path: path.name)
+def test_example_plan_is_valid_as_written(config: Path) -> None:
+    real = real_model_of(config)
+    plan = load_plan(config)
+    text = config.read_text()
+    assert plan.measurements.suffix == ".pt"
+    output = plan.output.absolute()
+    assert Path(plan.model).absolute() not in (output, *output.parents), "the output must lie outside the model"
+    assert "analyze.py" in text, "the comments must say what to change after reading analyze.py's output"
+    layers = planned_layers(plan)
+    # A starting range in the middle-to-late layers: past the first quarter, reaching the last quarter.
+    assert min(layers) >= real.num_hidden_layers // 4, sorted(layers)
+    assert 3 * real.num_hidden_layers // 4 <= max(layers) < real.num_hidden_layers, sorted(layers)
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=lambda path: path.name)
+def test_example_plan_resolves_against_its_family(config: Path, example_model, tmp_path: Path, capsys) -> None:
+    real = real_model_of(config)
+    assert real.model_type in EXPECTED_TENSORS, f"{real.model_type}: no expected tensors for this family"
+    model, measurements = example_model(real)
+    plan_path = plan_for_fixture(config, model, measurements, tmp_path)
+    plan = load_plan(plan_path)
+    checkpoint = open_checkpoint(plan.model)
+    assert (checkpoint.model_type, checkpoint.num_layers) == (real.model_type, real.num_hidden_layers)
+
+    resolution: Resolution = resolve(plan, checkpoint, load_measurements(plan.measurements))
+
+    edited = {edit.tensor for edit in resolution.edits}
+    assert {edit.layer for edit in resolution.edits} == planned_layers(plan)
+    expected = expected_edits(plan, real, model)
+    assert edited == expected, (f"missing: {sorted(expected - edited)[:8]}; "
+                                f"unexpected: {sorted(edited - expected)[:8]}")
+    assert sharded_ablate.main([str(plan_path), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{len(resolution.edits)} tensor edits" in listing
+    assert not plan.output.exists()
+
+
+def test_every_example_config_has_its_file_and_every_family_an_example() -> None:
+    names = {path.name for path in CONFIG_FILES}
+    assert set(REAL_MODELS) <= names, f"listed without a file: {sorted(set(REAL_MODELS) - names)}"
+    covered = {real.model_type for name, real in REAL_MODELS.items() if name in names}
+    assert covered == set(FAMILIES), f"families without an example plan: {sorted(set(FAMILIES) - covered)}"
