@@ -20,8 +20,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lib.errors import UserError, run_cli
 
@@ -42,7 +42,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_stage(title: str, command: list[str]) -> None:
     """Run one stage as a user would, echoing its command; stop the demo if it fails."""
     print(f"\n=== {title}\n$ {shlex.join(command)}", flush=True)
-    status = subprocess.run(command, cwd=REPOSITORY).returncode
+    status = subprocess.run(command, check=False, cwd=REPOSITORY).returncode
     if status != 0:
         raise UserError(f"{title}: `{shlex.join(command)}` failed with exit status {status}")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lib.arguments import non_negative_integer, positive_integer
 from lib.atomic import check_writable_destination
-from lib.chat_format import require_chat_template, tokenize_chat_prompts
+from lib.chat_format import add_prompt_set_arguments, require_chat_template, tokenize_chat_prompts
 from lib.errors import run_cli
 from lib.evaluation import (
     ABLATED,
@@ -77,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="harmless prompts for the over-refusal rate and the KL divergence, same formats "
         "(default: data/eval_harmless.txt)",
     )
-    parser.add_argument(
-        "--max-prompts",
-        type=positive_integer,
-        default=None,
-        metavar="N",
-        help="use only the first N prompts of each file (default: all)",
-    )
+    add_prompt_set_arguments(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=positive_integer,
@@ -120,14 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="REPORT",
         help="also write the full report, every reply included, as JSON (written atomically)",
-    )
-    parser.add_argument(
-        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
-    )
-    parser.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="tokenise the raw prompts instead of formatting them with the model's chat template",
     )
     add_model_loading_arguments(parser, quantization_flags=("--quant",))
     return parser

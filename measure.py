@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from lib.arguments import non_negative_integer, positive_integer
+from lib.arguments import non_negative_integer
 from lib.atomic import check_writable_destination
-from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+from lib.chat_format import (
+    add_prompt_set_arguments,
+    pad_token_id_of,
+    require_chat_template,
+    tokenize_chat_prompts,
+)
 from lib.errors import run_cli
 from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer
 from lib.measurements import save_measurements
@@ -61,25 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="harmless prompts, same formats (default: data/harmless.txt)",
     )
-    parser.add_argument(
-        "--max-prompts",
-        type=positive_integer,
-        default=None,
-        metavar="N",
-        help="use only the first N prompts of each file (default: all)",
-    )
+    add_prompt_set_arguments(parser)
     parser.add_argument(
         "--projected",
         action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
-    )
-    parser.add_argument(
-        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
-    )
-    parser.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="tokenise the raw prompts instead of formatting them with the model's chat template",
     )
     add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "-q"))
     return parser

@@ -8,16 +8,37 @@ template does not write BOS but the tokenizer normally starts with one, BOS is a
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from lib.arguments import positive_integer
 from lib.errors import UserError
 
 NO_CHAT_TEMPLATE_FLAG = "--no-chat-template"
+
+
+def add_prompt_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape how prompt files become model inputs, shared by measure and evaluate."""
+    parser.add_argument(
+        "--max-prompts",
+        type=positive_integer,
+        default=None,
+        metavar="N",
+        help="use only the first N prompts of each file (default: all)",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
+    )
+    parser.add_argument(
+        NO_CHAT_TEMPLATE_FLAG,
+        action="store_true",
+        help="tokenise the raw prompts instead of formatting them with the model's chat template",
+    )
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -113,7 +134,7 @@ class PaddedBatch:
     attention_mask: torch.Tensor  # [batch, length] long, 0 on padding
     position_ids: torch.Tensor  # [batch, length] long, counting from 0 at each row's first real token
 
-    def to(self, device: torch.device | str) -> "PaddedBatch":
+    def to(self, device: torch.device | str) -> PaddedBatch:
         return PaddedBatch(
             *(
                 tensor.to(device, non_blocking=True)
