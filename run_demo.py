@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled demo model, end to end, on a laptop CPU in minutes.
 
-    python demo.py [--output-dir demo-output] [--model DIR]
+    python run_demo.py [--output-dir demo-output] [--model DIR]
 
 1. builds the demo chat model (demo/build_model.py): a small Llama trained on this project's
    measurement prompts to refuse harmful requests and answer harmless ones;
