@@ -40,3 +40,13 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def demo_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo chat model, built once per session through its command line (about a minute)."""
+    from demo.build_model import main
+
+    output = tmp_path_factory.mktemp("demo") / "demo-model"
+    assert main(["--output", str(output)]) == 0
+    return output

@@ -32,13 +32,6 @@ TRAINING_SAMPLE = 64
 
 
 @pytest.fixture(scope="session")
-def demo_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("demo") / "demo-model"
-    assert main(["--output", str(output)]) == 0
-    return output
-
-
-@pytest.fixture(scope="session")
 def demo_model(demo_directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForCausalLM.from_pretrained(demo_directory, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(demo_directory)
