@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 # Entry scripts run as `python demo/build_model.py`: make the repository's `lib` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from tqdm import tqdm
 
+from lib.arguments import positive_float, positive_integer
 from lib.atomic import atomic_directory
 from lib.demo_model import (
     EVALUATION_FILES,
@@ -34,20 +35,6 @@ from lib.demo_model import (
 from lib.errors import UserError, run_cli
 
 DEFAULTS = DemoSettings()
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,13 +55,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=positive_integer,
         default=DEFAULTS.steps,
         help=f"optimiser steps (default {DEFAULTS.steps})",
     )
     parser.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=positive_integer,
         default=DEFAULTS.batch_size,
         help=f"prompts per step (default {DEFAULTS.batch_size})",
     )
@@ -86,20 +73,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--layers",
-        type=positive_int,
+        type=positive_integer,
         default=DEFAULTS.num_hidden_layers,
         help=f"decoder layers (default {DEFAULTS.num_hidden_layers})",
     )
     parser.add_argument(
         "--hidden-size",
-        type=positive_int,
+        type=positive_integer,
         default=DEFAULTS.hidden_size,
         help=f"residual width, a multiple of {DEFAULTS.num_attention_heads} attention heads; "
         f"the MLP is three times wider (default {DEFAULTS.hidden_size})",
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=positive_integer,
         default=None,
         help="CPU threads for torch (default: torch's own choice, usually all cores)",
     )

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lib.chat_format import tokenize_chat_prompts
 from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
 from lib.refusal_markers import load_refusal_detector
+from lib.tokenizer_training import train_byte_level_bpe
 
 DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
 TRAINING_FILES = {"harmful": DATA_DIRECTORY / "harmful.txt", "harmless": DATA_DIRECTORY / "harmless.txt"}
@@ -152,16 +152,7 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     No post-processor adds BOS: the chat template writes it, so encoding a rendered conversation
     with or without special tokens gives the same ids.
     """
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend = train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,

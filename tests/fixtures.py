@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from lib.tokenizer_training import train_byte_level_bpe
 
 HIDDEN_SIZE = 64
 DEFAULT_NUM_LAYERS = 4
@@ -143,16 +145,7 @@ _TOKENIZER_CORPUS = [
 
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer with BOS/EOS/PAD, left padding and a chat template."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    backend = train_byte_level_bpe(_TOKENIZER_CORPUS * 4, vocab_size, SPECIAL_TOKENS)
     bos_id = backend.token_to_id(BOS_TOKEN)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id)]
