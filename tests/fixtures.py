@@ -58,6 +58,22 @@ _COMMON_CONFIG: dict[str, Any] = dict(
 )
 
 _MOE_EXPERTS = 4
+# DeepSeek V2 and V3 share multi-head latent attention and the routed + shared expert layout.
+_DEEPSEEK_SETTINGS: dict[str, Any] = dict(
+    n_routed_experts=_MOE_EXPERTS,
+    num_experts_per_tok=2,
+    moe_intermediate_size=HIDDEN_SIZE,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    head_dim=8,  # DeepSeek's rotary embedding is sized by head_dim, which must equal qk_rope_head_dim
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    n_group=1,
+    topk_group=1,
+)
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {},
@@ -79,39 +95,13 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=16,
         rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
     ),
-    "deepseek_v2": dict(
-        n_routed_experts=_MOE_EXPERTS,
-        num_experts_per_tok=2,
-        moe_intermediate_size=HIDDEN_SIZE,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
-    ),
-    "deepseek_v3": dict(
-        n_routed_experts=_MOE_EXPERTS,
-        num_experts_per_tok=2,
-        moe_intermediate_size=HIDDEN_SIZE,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        head_dim=8,  # DeepSeek's rotary embedding is sized by head_dim, which must equal qk_rope_head_dim
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
+    "deepseek_v2": _DEEPSEEK_SETTINGS,
+    "deepseek_v3": {
+        **_DEEPSEEK_SETTINGS,
         # Multi-head latent attention has one key/value head per query head; with fewer, padded
         # batches (an attention mask) fail inside the attention. Weight shapes do not change.
-        num_key_value_heads=4,
-    ),
+        "num_key_value_heads": 4,
+    },
 }
 
 # Multimodal wrappers: the text model sits under a `language_model` prefix beside a vision tower.
