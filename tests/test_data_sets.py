@@ -1,5 +1,6 @@
 """The prompt sets in data/: large enough, clean, and with held-out eval sets that share nothing with
-the measurement sets, so that a refusal rate measured on the eval sets is not a memorisation score."""
+the measurement and demo training sets, so that a refusal rate measured on the eval sets is not a
+memorisation score."""
 from __future__ import annotations
 
 import difflib
@@ -13,9 +14,17 @@ import pytest
 
 DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
 
-MEASUREMENT_FILES = ("harmful.txt", "harmless.txt")
+# Every file the demo model trains on: the measurement sets and the larger demo training sets.
+TRAINING_FILES = ("harmful.txt", "harmless.txt", "demo_train_harmful.txt", "demo_train_harmless.txt")
 EVALUATION_FILES = ("eval_harmful.txt", "eval_harmless.txt")
-MINIMUM_PROMPTS = {"harmful.txt": 256, "harmless.txt": 256, "eval_harmful.txt": 100, "eval_harmless.txt": 100}
+MINIMUM_PROMPTS = {
+    "harmful.txt": 256,
+    "harmless.txt": 256,
+    "demo_train_harmful.txt": 4000,
+    "demo_train_harmless.txt": 4000,
+    "eval_harmful.txt": 100,
+    "eval_harmless.txt": 100,
+}
 MINIMUM_WORDS, MAXIMUM_WORDS = 5, 40
 
 # Word-level similarity above which an eval prompt counts as a reworded copy of a measurement prompt:
@@ -62,7 +71,7 @@ def test_no_duplicates_within_a_file(file_name: str) -> None:
     assert not duplicates, f"{file_name} repeats: {duplicates}"
 
 
-# Every pair of files must be disjoint: measurement vs eval keeps the eval held out, harmful vs harmless
+# Every pair of files must be disjoint: training vs eval keeps the eval held out, harmful vs harmless
 # keeps the labels unambiguous, and the remaining pairs are one or the other.
 @pytest.mark.parametrize("first_file, second_file", list(itertools.combinations(MINIMUM_PROMPTS, 2)))
 def test_files_share_no_prompt(first_file: str, second_file: str) -> None:
@@ -70,19 +79,28 @@ def test_files_share_no_prompt(first_file: str, second_file: str) -> None:
     assert not shared, f"{first_file} and {second_file} share: {shared}"
 
 
+def could_be_near_copies(first_length: int, second_length: int) -> bool:
+    """Whether two prompts of these word counts can reach NEAR_COPY_RATIO at all: the ratio is at most
+    2 * min / (sum), so most pairs are ruled out by length alone, before any comparison."""
+    return 2 * min(first_length, second_length) > NEAR_COPY_RATIO * (first_length + second_length)
+
+
 def word_similarity(first_words: list[str], second_words: list[str]) -> float:
+    if not could_be_near_copies(len(first_words), len(second_words)):
+        return 0.0
     matcher = difflib.SequenceMatcher(None, first_words, second_words, autojunk=False)
     # quick_ratio is a cheap upper bound of ratio; it skips the full comparison for most pairs.
     return matcher.ratio() if matcher.quick_ratio() > NEAR_COPY_RATIO else 0.0
 
 
 @pytest.mark.parametrize("evaluation_file", EVALUATION_FILES)
-def test_no_eval_prompt_is_a_reworded_measurement_prompt(evaluation_file: str) -> None:
-    measurement_words = [normalise(prompt).split() for name in MEASUREMENT_FILES for prompt in read_prompts(name)]
+def test_no_eval_prompt_is_a_reworded_training_prompt(evaluation_file: str) -> None:
+    training_words = [normalise(prompt).split() for name in TRAINING_FILES for prompt in read_prompts(name)]
     near_copies = [
         (evaluation_prompt, " ".join(words))
         for evaluation_prompt in read_prompts(evaluation_file)
-        for words in measurement_words
-        if word_similarity(normalise(evaluation_prompt).split(), words) > NEAR_COPY_RATIO
+        for evaluation_words in [normalise(evaluation_prompt).split()]
+        for words in training_words
+        if word_similarity(evaluation_words, words) > NEAR_COPY_RATIO
     ]
-    assert not near_copies, f"{evaluation_file} has near-copies of measurement prompts: {near_copies}"
+    assert not near_copies, f"{evaluation_file} has near-copies of training prompts: {near_copies}"
