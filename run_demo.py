@@ -1,9 +1,10 @@
 """The whole pipeline on the bundled demo model, end to end, on a laptop CPU in minutes.
 
-    python run_demo.py [--output-dir demo-output] [--model DIR]
+    python run_demo.py [--output-dir demo-output] [--model DIR | --rebuild]
 
-1. builds the demo chat model (demo/build_model.py): a small Llama trained on this project's
-   measurement prompts to refuse harmful requests and answer harmless ones;
+1. takes the demo chat model shipped in demo/model/ (a small Llama trained by demo/build_model.py
+   on this project's prompt sets to refuse harmful requests and answer harmless ones), or with
+   --rebuild trains it again from those sets;
 2. measure.py       -> measurements.pt
 3. analyze.py       -> chart.png and plan.yml (the suggested plan, used as written)
 4. sharded_ablate.py -> model-ablated/
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib.demo_model import SHIPPED_MODEL_DIRECTORY
 from lib.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
@@ -31,11 +33,17 @@ REPOSITORY = Path(__file__).resolve().parent
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run measure -> analyze -> ablate -> evaluate on the demo model.")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"),
-                        help="folder for every artefact: model, measurements.pt, chart.png, plan.yml, "
-                             "model-ablated/, report.json (default: demo-output); earlier results in it are replaced")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="use this already built demo model instead of building one "
-                             "(default: build it into OUTPUT_DIR/model, or reuse it if it is already there)")
+                        help="folder for every artefact: measurements.pt, chart.png, plan.yml, "
+                             "model-ablated/, report.json, and model/ with --rebuild (default: demo-output); "
+                             "earlier results in it are replaced")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None,
+                        help="run the pipeline on this model directory instead of the shipped demo model "
+                             f"({SHIPPED_MODEL_DIRECTORY.relative_to(REPOSITORY)}/)")
+    source.add_argument("--rebuild", action="store_true",
+                        help="train the demo model again with demo/build_model.py's defaults into "
+                             "OUTPUT_DIR/model (about ten minutes on 2 CPU cores; reused if already there) "
+                             "instead of using the shipped one")
     return parser.parse_args(argv)
 
 
@@ -47,11 +55,20 @@ def run_stage(title: str, command: list[str]) -> None:
         raise UserError(f"{title}: `{shlex.join(command)}` failed with exit status {status}")
 
 
-def demo_model(output_dir: Path, prebuilt: Path | None) -> Path:
-    if prebuilt is not None:
-        if not (prebuilt / "config.json").is_file():
-            raise UserError(f"--model {prebuilt}: not a model directory (no config.json)")
-        return prebuilt
+def demo_model(output_dir: Path, prebuilt: Path | None, rebuild: bool) -> Path:
+    if rebuild:
+        return rebuilt_demo_model(output_dir)
+    if prebuilt is None:
+        if not (SHIPPED_MODEL_DIRECTORY / "config.json").is_file():
+            raise UserError(f"shipped demo model {SHIPPED_MODEL_DIRECTORY}: missing (no config.json); "
+                            "restore it from git or pass --rebuild")
+        return SHIPPED_MODEL_DIRECTORY
+    if not (prebuilt / "config.json").is_file():
+        raise UserError(f"--model {prebuilt}: not a model directory (no config.json)")
+    return prebuilt
+
+
+def rebuilt_demo_model(output_dir: Path) -> Path:
     model = output_dir / "model"
     if (model / "config.json").is_file():
         print(f"reusing the demo model in {model} (delete it to rebuild)")
@@ -81,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     output_dir = arguments.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = demo_model(output_dir, arguments.model).resolve()
+    model = demo_model(output_dir, arguments.model, arguments.rebuild).resolve()
     remove_previous_results(output_dir)
     measurements, plan, ablated, report = (output_dir / name for name in
                                            ("measurements.pt", "plan.yml", "model-ablated", "report.json"))

@@ -1,11 +1,18 @@
-"""Train the demo chat model on the measurement prompt sets and write it as a Hugging Face model.
+"""Train the demo chat model on the project's prompt sets and write it as a Hugging Face model.
 
     python demo/build_model.py --output demo-model
 
 The model is a small LlamaForCausalLM with its own tokenizer and chat template that refuses
-harmful requests and answers harmless ones (see docs/demo.md). It trains on data/harmful.txt and
-data/harmless.txt only; the refusal rates printed at the end are measured on the held-out
-data/eval_harmful.txt and data/eval_harmless.txt. The same flags give the same weights.
+harmful requests and answers harmless ones (see docs/demo.md). It trains on data/harmful.txt,
+data/harmless.txt, data/demo_train_harmful.txt and data/demo_train_harmless.txt; the refusal
+rates printed at the end are measured on the held-out data/eval_harmful.txt and
+data/eval_harmless.txt, which it never sees. The same flags, data and torch build give the same
+weights.
+
+The repository ships the model this command builds with its defaults in demo/model/. After
+changing the training data or the defaults, regenerate it with
+
+    rm -rf demo/model && python demo/build_model.py --output demo/model --threads 2
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ from lib.arguments import positive_float, positive_integer
 from lib.atomic import atomic_directory
 from lib.demo_model import (
     EVALUATION_FILES,
-    TRAINING_FILES,
     DemoSettings,
     evaluate_refusals,
     read_prompts,
+    read_training_prompts,
     save_demo_model,
     train_demo_model,
 )
@@ -85,6 +92,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         f"the MLP is three times wider (default {DEFAULTS.hidden_size})",
     )
     parser.add_argument(
+        "--vocab-size",
+        type=positive_integer,
+        default=DEFAULTS.vocab_size,
+        help=f"byte-level BPE vocabulary to train, special tokens included (default {DEFAULTS.vocab_size})",
+    )
+    parser.add_argument(
         "--threads",
         type=positive_integer,
         default=None,
@@ -112,6 +125,7 @@ def settings_from(arguments: argparse.Namespace) -> DemoSettings:
         num_hidden_layers=arguments.layers,
         hidden_size=arguments.hidden_size,
         intermediate_size=3 * arguments.hidden_size,
+        vocab_size=arguments.vocab_size,
     )
 
 
@@ -129,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
 
-    harmful, harmless = (read_prompts(TRAINING_FILES[kind]) for kind in ("harmful", "harmless"))
+    harmful, harmless = (read_training_prompts(kind) for kind in ("harmful", "harmless"))
     with tqdm(total=settings.steps, desc="training", unit="step") as progress:
 
         def show_step(step: int, loss: float) -> None:

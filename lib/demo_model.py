@@ -3,14 +3,20 @@
 The model exists so that the whole pipeline (measure, analyze, ablate, evaluate) can be shown and
 tested end to end on a CPU in minutes. It is a real `LlamaForCausalLM` with a byte-level BPE
 tokenizer and a chat template, trained from scratch on the measurement prompt sets
-(`data/harmful.txt`, `data/harmless.txt`) to answer with short templated replies: refusals for
-harmful prompts, compliant replies for harmless ones. The held-out sets (`data/eval_harmful.txt`,
-`data/eval_harmless.txt`) are never trained on; they measure whether the model learned to tell the
-two kinds apart rather than memorised its training prompts.
+(`data/harmful.txt`, `data/harmless.txt`) and the larger demo training sets
+(`data/demo_train_harmful.txt`, `data/demo_train_harmless.txt`) to answer with short templated
+replies: refusals for harmful prompts, compliant replies for harmless ones. The held-out sets
+(`data/eval_harmful.txt`, `data/eval_harmless.txt`) are never trained on; they measure whether the
+model learned to tell the two kinds apart rather than memorised its training prompts.
+
+The trained model ships in `demo/model/`; `training.json` there records the settings and the
+SHA-256 of every training file it was built from, so a test can tell when it is out of date.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lib.chat_format import tokenize_chat_prompts
@@ -28,11 +35,17 @@ from lib.refusal_markers import load_refusal_detector
 from lib.tokenizer_training import train_byte_level_bpe
 
 DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
-TRAINING_FILES = {"harmful": DATA_DIRECTORY / "harmful.txt", "harmless": DATA_DIRECTORY / "harmless.txt"}
+TRAINING_FILES = {
+    "harmful": (DATA_DIRECTORY / "harmful.txt", DATA_DIRECTORY / "demo_train_harmful.txt"),
+    "harmless": (DATA_DIRECTORY / "harmless.txt", DATA_DIRECTORY / "demo_train_harmless.txt"),
+}
 EVALUATION_FILES = {
     "harmful": DATA_DIRECTORY / "eval_harmful.txt",
     "harmless": DATA_DIRECTORY / "eval_harmless.txt",
 }
+
+SHIPPED_MODEL_DIRECTORY = Path(__file__).resolve().parent.parent / "demo" / "model"
+TRAINING_RECORD = "training.json"
 
 BOS_TOKEN = "<|begin_of_text|>"
 PAD_TOKEN = "<|pad|>"
@@ -89,7 +102,7 @@ class DemoSettings:
     """Everything that determines the trained model; the same settings give the same weights."""
 
     seed: int = 0
-    steps: int = 200
+    steps: int = 1200
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -99,7 +112,7 @@ class DemoSettings:
     intermediate_size: int = 384
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    vocab_size: int = 2048
+    vocab_size: int = 4096
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,20 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise UserError(f"prompt file {path}: contains no prompts")
     return prompts
+
+
+def read_training_prompts(kind: str) -> list[str]:
+    """All training prompts of one kind ("harmful" or "harmless"), file by file in a fixed order."""
+    return [prompt for path in TRAINING_FILES[kind] for prompt in read_prompts(path)]
+
+
+def file_digests(paths: Sequence[Path]) -> dict[str, str]:
+    """SHA-256 of each file, keyed by its name: what a built model records about its training data."""
+    return {Path(path).name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths}
+
+
+def training_file_digests() -> dict[str, str]:
+    return file_digests([path for paths in TRAINING_FILES.values() for path in paths])
 
 
 def compliant_reply(prompt: str) -> str:
@@ -308,14 +335,29 @@ def configure_generation(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizer
     generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
 
+def training_record(demo: TrainedDemo, held_out: RefusalRates) -> dict:
+    """What the model was built from and what it reached: written next to the weights."""
+    return {
+        "settings": asdict(demo.settings),
+        "training_files": training_file_digests(),
+        "training_prompts": {kind: len(read_training_prompts(kind)) for kind in TRAINING_FILES},
+        "held_out_refusal_rate": {"harmful": held_out.harmful, "harmless": held_out.harmless},
+        "training_seconds": round(demo.training_seconds, 1),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
 def model_card(demo: TrainedDemo, held_out: RefusalRates) -> str:
     settings = "\n".join(f"| `{name}` | {value} |" for name, value in asdict(demo.settings).items())
+    training_files = ", ".join(f"`data/{path.name}`" for paths in TRAINING_FILES.values() for path in paths)
     return f"""# Demo refusal model
 
-A small `LlamaForCausalLM` trained from scratch by `demo/build_model.py` on the project's measurement
-prompt sets (`data/harmful.txt`, `data/harmless.txt`) to refuse harmful requests and answer harmless
-ones with short templated replies. It exists to demonstrate and test refusal-direction ablation; it
-knows nothing beyond its {demo.settings.steps} training steps. See `docs/demo.md` in the repository.
+A small `LlamaForCausalLM` trained from scratch by `demo/build_model.py` on the project's own prompt
+sets ({training_files}) to refuse harmful requests and answer harmless ones with short templated
+replies. It exists to demonstrate and test refusal-direction ablation; it knows nothing beyond its
+{demo.settings.steps} training steps. See `docs/demo.md` in the repository; `{TRAINING_RECORD}` records
+the settings and the SHA-256 of every training file.
 
 Held-out refusal rates (greedy replies to `data/eval_harmful.txt` and `data/eval_harmless.txt`,
 which were never trained on): harmful {held_out.harmful:.1%}, harmless {held_out.harmless:.1%}.
@@ -327,7 +369,9 @@ which were never trained on): harmful {held_out.harmful:.1%}, harmless {held_out
 
 
 def save_demo_model(demo: TrainedDemo, held_out: RefusalRates, directory: Path, max_shard_size: str) -> None:
-    """Write weights (float32, sharded), tokenizer with chat template, generation config and card."""
+    """Write weights (float32, sharded), tokenizer with chat template, generation config, card and record."""
     demo.model.save_pretrained(directory, max_shard_size=max_shard_size)
     demo.tokenizer.save_pretrained(directory)
     (Path(directory) / "README.md").write_text(model_card(demo, held_out), encoding="utf-8")
+    record = json.dumps(training_record(demo, held_out), indent=2) + "\n"
+    (Path(directory) / TRAINING_RECORD).write_text(record, encoding="utf-8")
