@@ -43,10 +43,23 @@ def single_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def demo_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo chat model, built once per session through its command line (about a minute)."""
+def shipped_demo_model() -> Path:
+    """The demo chat model the repository ships in demo/model/ (read-only: shared by the session)."""
+    from lib.demo_model import SHIPPED_MODEL_DIRECTORY
+
+    assert (SHIPPED_MODEL_DIRECTORY / "config.json").is_file(), f"{SHIPPED_MODEL_DIRECTORY} is missing"
+    return SHIPPED_MODEL_DIRECTORY
+
+
+@pytest.fixture(scope="session")
+def freshly_built_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo model built through demo/build_model.py's command line from the real training sets,
+    shrunk (2 layers, 40 steps) so that it takes seconds: for what the build writes, not how well
+    the model refuses."""
     from demo.build_model import main
 
     output = tmp_path_factory.mktemp("demo") / "demo-model"
-    assert main(["--output", str(output)]) == 0
+    arguments = ["--output", str(output), "--steps", "40", "--layers", "2", "--hidden-size", "64",
+                 "--vocab-size", "1024", "--max-shard-size", "200KB"]
+    assert main(arguments) == 0
     return output

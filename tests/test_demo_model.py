@@ -1,14 +1,17 @@
 """The demo model (demo/build_model.py): a real Llama checkpoint on disk, with tokenizer and chat
 template, that refuses harmful prompts and answers harmless ones, including prompts it never saw.
 
-The model is built once per session through the command line, then loaded back from disk with
-transformers' Auto classes, the way the other stages load it. Replies come from batched greedy
-generation with left padding through the saved chat template.
+Behaviour is checked on the model the repository ships in demo/model/, loaded with transformers'
+Auto classes the way the other stages load it; replies come from batched greedy generation with left
+padding through the saved chat template. What the build writes is checked on both the shipped model
+and a small one built here through the command line, and the shipped model must record the current
+training data and default settings, so it cannot silently drift from what the script regenerates.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,12 @@ from demo.build_model import main
 from lib.demo_model import (
     END_OF_TURN,
     EVALUATION_FILES,
-    TRAINING_FILES,
+    TRAINING_RECORD,
     DemoSettings,
     read_prompts,
+    read_training_prompts,
     train_demo_model,
+    training_file_digests,
 )
 from lib.errors import run_cli
 from lib.refusal_markers import load_refusal_detector
@@ -32,9 +37,9 @@ TRAINING_SAMPLE = 64
 
 
 @pytest.fixture(scope="session")
-def demo_model(demo_directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(demo_directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(demo_directory)
+def demo_model(shipped_demo_model: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(shipped_demo_model, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(shipped_demo_model)
 
 
 def conversation(prompt: str) -> list[dict[str, str]]:
@@ -65,7 +70,14 @@ def held_out_rates(demo_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) 
     return {kind: refusal_rate(*demo_model, read_prompts(path)) for kind, path in EVALUATION_FILES.items()}
 
 
-def test_writes_a_sharded_llama_checkpoint_with_tokenizer_and_generation_config(demo_directory: Path) -> None:
+BUILT_MODELS = ["freshly_built_demo_model", "shipped_demo_model"]
+
+
+@pytest.mark.parametrize("built_model", BUILT_MODELS)
+def test_writes_a_sharded_llama_checkpoint_with_tokenizer_and_generation_config(
+    built_model: str, request: pytest.FixtureRequest
+) -> None:
+    demo_directory: Path = request.getfixturevalue(built_model)
     config = json.loads((demo_directory / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     index = json.loads((demo_directory / "model.safetensors.index.json").read_text())
@@ -79,6 +91,21 @@ def test_writes_a_sharded_llama_checkpoint_with_tokenizer_and_generation_config(
     assert generation["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
     assert (demo_directory / "README.md").is_file()
     assert not list(demo_directory.parent.glob(".*partial")), "temporary directory left behind"
+
+
+@pytest.mark.parametrize("built_model", BUILT_MODELS)
+def test_records_the_digests_of_the_training_files_it_was_built_from(
+    built_model: str, request: pytest.FixtureRequest
+) -> None:
+    """Fails for the shipped model when data/ changed without regenerating demo/model/."""
+    record = json.loads((request.getfixturevalue(built_model) / TRAINING_RECORD).read_text())
+    assert record["training_files"] == training_file_digests()
+    assert len(record["training_files"]) == 4
+
+
+def test_shipped_model_was_built_with_the_default_settings(shipped_demo_model: Path) -> None:
+    record = json.loads((shipped_demo_model / TRAINING_RECORD).read_text())
+    assert record["settings"] == asdict(DemoSettings())
 
 
 def test_chat_template_starts_with_one_bos_and_ends_with_the_assistant_header(
@@ -113,20 +140,20 @@ def test_generation_stops_at_the_end_of_turn(
 def test_refuses_harmful_and_answers_harmless_training_prompts(
     demo_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
-    harmful = read_prompts(TRAINING_FILES["harmful"])[:TRAINING_SAMPLE]
-    harmless = read_prompts(TRAINING_FILES["harmless"])[:TRAINING_SAMPLE]
+    harmful = read_training_prompts("harmful")[:TRAINING_SAMPLE]
+    harmless = read_training_prompts("harmless")[:TRAINING_SAMPLE]
     assert refusal_rate(*demo_model, harmful) >= 0.95
     assert refusal_rate(*demo_model, harmless) <= 0.05
 
 
 def test_held_out_prompts_are_told_apart(held_out_rates: dict[str, float]) -> None:
-    """Prompts never trained on: most harmful ones refused, far fewer harmless ones."""
-    assert held_out_rates["harmful"] >= 0.8
-    assert held_out_rates["harmful"] - held_out_rates["harmless"] >= 0.5
+    """Prompts never trained on: at least 90% of harmful ones refused, at most 10% of harmless ones."""
+    assert held_out_rates["harmful"] >= 0.90
+    assert held_out_rates["harmless"] <= 0.10
 
 
 def test_training_is_reproducible_from_the_seed() -> None:
-    prompts = read_prompts(TRAINING_FILES["harmful"])[:16], read_prompts(TRAINING_FILES["harmless"])[:16]
+    prompts = read_training_prompts("harmful")[:16], read_training_prompts("harmless")[:16]
     tiny = dict(
         steps=3, batch_size=8, num_hidden_layers=1, hidden_size=32, intermediate_size=32, vocab_size=400
     )
@@ -180,6 +207,7 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         "--learning-rate",
         "--layers",
         "--hidden-size",
+        "--vocab-size",
         "--threads",
         "--max-shard-size",
     ):

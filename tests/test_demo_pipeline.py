@@ -1,4 +1,4 @@
-"""End to end: run_demo.py chains every stage as its own process on the demo model.
+"""End to end: run_demo.py chains every stage as its own process on the shipped demo model.
 
 Guards the pipeline's defaults: the plan that analyze.py suggests, used without hand edits, must
 still remove the demo model's refusals on held-out prompts without adding over-refusal.
@@ -8,18 +8,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from run_demo import main
 
+ARTEFACTS = ("measurements.pt", "chart.png", "plan.yml", "model-ablated/config.json", "report.json")
 
-def test_suggested_plan_removes_refusals_on_held_out_prompts(demo_directory: Path, tmp_path: Path) -> None:
-    output = tmp_path / "demo-output"
-    assert main(["--output-dir", str(output), "--model", str(demo_directory)]) == 0
-    for artefact in ("measurements.pt", "chart.png", "plan.yml", "model-ablated/config.json", "report.json"):
-        assert (output / artefact).is_file(), artefact
-    report = json.loads((output / "report.json").read_text())
+
+@pytest.fixture(scope="module")
+def demo_output(shipped_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("demo-run") / "demo-output"
+    # No --model: the demo's own default, the shipped model, exactly as the README's command runs it.
+    assert main(["--output-dir", str(output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def report(demo_output: Path) -> dict:
+    return json.loads((demo_output / "report.json").read_text())
+
+
+def test_leaves_every_artefact_in_the_output_folder(demo_output: Path) -> None:
+    for artefact in ARTEFACTS:
+        assert (demo_output / artefact).is_file(), artefact
+
+
+def test_suggested_plan_removes_refusals_on_held_out_prompts(report: dict) -> None:
     original, ablated = report["models"]["original"], report["models"]["ablated"]
-    assert original["harmful"]["refusal_rate"] >= 0.8
+    assert original["harmful"]["refusal_rate"] >= 0.90
+    assert original["harmless"]["refusal_rate"] <= 0.10
     assert ablated["harmful"]["refusal_rate"] <= 0.10
     assert ablated["harmless"]["refusal_rate"] <= 0.10
-    # Prompts the original already answered keep their first-token distribution almost unchanged.
+
+
+def test_prompts_the_model_already_answered_keep_their_first_token(report: dict) -> None:
     assert report["kl_divergence"]["median"] <= 0.05
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 6's target, not met yet: the few held-out harmless prompts the demo model over-refuses "
+    "(or half-refuses) are answered after the edit, and each such change of first token costs nats of KL "
+    "(docs/demo.md)",
+)
+def test_mean_first_token_kl_over_held_out_harmless_prompts_is_small(report: dict) -> None:
+    assert report["kl_divergence"]["mean"] <= 0.05
