@@ -102,7 +102,7 @@ class DemoSettings:
     """Everything that determines the trained model; the same settings give the same weights."""
 
     seed: int = 0
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 20
