@@ -42,7 +42,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"({SHIPPED_MODEL_DIRECTORY.relative_to(REPOSITORY)}/)")
     source.add_argument("--rebuild", action="store_true",
                         help="train the demo model again with demo/build_model.py's defaults into "
-                             "OUTPUT_DIR/model (about ten minutes on 2 CPU cores; reused if already there) "
+                             "OUTPUT_DIR/model (about 8 minutes on 2 CPU cores; reused if already there) "
                              "instead of using the shipped one")
     return parser.parse_args(argv)
 
