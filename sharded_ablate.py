@@ -106,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_index(checkpoint, shards, staging)
             copy_non_weight_files(copied_files, staging, output_config(checkpoint, resolution))
             write_plan_and_card(plan, checkpoint, resolution, skipped_files, staging)
-            os.chmod(staging, 0o755)  # the staging directory is created private
     for path in skipped_files:
         print(f"not copied (weights in another format): {path.name}")
     print(f"wrote {plan.output}")

@@ -35,6 +35,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     temporary = Path(temporary_name)
     try:
         yield temporary
+        os.chmod(temporary, _creation_mode(0o666))
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -51,6 +52,7 @@ def atomic_directory(path: Path, replace_existing: bool = False) -> Iterator[Pat
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
     try:
         yield temporary
+        os.chmod(temporary, _creation_mode(0o777))
         if replace_existing and path.exists():
             _swap_directories(temporary, path)
         else:
@@ -58,6 +60,17 @@ def atomic_directory(path: Path, replace_existing: bool = False) -> Iterator[Pat
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _creation_mode(requested: int) -> int:
+    """The mode `open` or `mkdir` would have given: `requested` less the process umask.
+
+    mkstemp and mkdtemp create private (0600 / 0700) entries; without this the finished output
+    would stay unreadable to the group and others, unlike any file the user writes by hand.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return requested & ~umask
 
 
 def _swap_directories(new: Path, path: Path) -> None:
