@@ -16,6 +16,8 @@ import torch
 from lib.architectures import (
     ATTENTION_OUTPUT,
     BIASES,
+    DEFAULT_COMPONENTS,
+    LAYER_COMPONENTS,
     MLP_OUTPUT,
     RESIDUAL_FIRST,
     RESIDUAL_LAST,
@@ -81,6 +83,7 @@ def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> R
     matches = _matches_by_layer(checkpoint)
     edits: list[TensorEdit] = []
     for entry in plan.entries:
+        _check_components_exist(entry, checkpoint, problems)
         for layer in entry.layers:
             edits.extend(_layer_edits(plan, entry, layer, checkpoint, measurements, matches, problems))
     untie = False
@@ -91,6 +94,20 @@ def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> R
             untie = checkpoint.ties_embeddings()
     raise_problems(plan.source, problems)
     return Resolution(tuple(edits), untie)
+
+
+def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> None:
+    """A component chosen by name that the family has no tensors for would silently edit nothing.
+
+    The default selection names every component and means "whatever this family has", so only an
+    explicit list is checked; `biases` is a switch on the writers, not a tensor kind of its own.
+    """
+    if entry.options.components == DEFAULT_COMPONENTS:
+        return
+    available = {rule.component for rule in checkpoint.family.rules}
+    for component in sorted(entry.options.components - available - {BIASES}):
+        problems.append(f"{entry.path}.components: model_type {checkpoint.model_type} has no {component} tensors; "
+                        f"it has: {', '.join(sorted(available & set(LAYER_COMPONENTS)))}")
 
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:

@@ -74,6 +74,13 @@ def test_bad_plans_name_the_yaml_path_and_what_is_allowed(setup, capsys, change,
     assert_refused(plan, tmp_path, capsys, *fragments)
 
 
+def test_components_the_family_lacks_are_refused(setup, capsys) -> None:
+    plan, tmp_path = setup
+    plan["ablate"][0]["components"] = ["attention_output", "router", "biases"]
+    assert_refused(plan, tmp_path, capsys, "ablate[0].components", "model_type llama has no router tensors",
+                   "it has: attention_output, mlp_output")
+
+
 def test_all_problems_are_reported_together(setup, capsys) -> None:
     plan, tmp_path = setup
     plan["ablate"] = [{"layer": 1, "sparsity": 2}, {"layer": 2, "colour": "red"}]
