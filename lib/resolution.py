@@ -84,7 +84,7 @@ def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> R
     edits: list[TensorEdit] = []
     for entry in plan.entries:
         _check_components_exist(entry, checkpoint, problems)
-        for layer in entry.layers:
+        for layer in _layers_in_range(entry, checkpoint, problems):
             edits.extend(_layer_edits(plan, entry, layer, checkpoint, measurements, matches, problems))
     untie = False
     if plan.embeddings is not None:
@@ -108,6 +108,26 @@ def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: 
     for component in sorted(entry.options.components - available - {BIASES}):
         problems.append(f"{entry.path}.components: model_type {checkpoint.model_type} has no {component} tensors; "
                         f"it has: {', '.join(sorted(available & set(LAYER_COMPONENTS)))}")
+
+
+def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> list[int]:
+    """The entry's layers the model has; the others are one problem, however many there are."""
+    outside = [layer for layer in entry.layers if layer >= checkpoint.num_layers]
+    if outside:
+        what = f"layer {outside[0]} is" if len(outside) == 1 else f"layers {_ranges(outside)} are"
+        problems.append(f"{entry.path}.layer: {what} out of range; the model has layers 0..{checkpoint.num_layers - 1}")
+    return [layer for layer in entry.layers if layer < checkpoint.num_layers]
+
+
+def _ranges(layers: list[int]) -> str:
+    """Sorted layer numbers written as runs: [6, 7, 8, 11] -> "6..8, 11"."""
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{run[0]}..{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:
@@ -192,9 +212,6 @@ def _layer_edits(
     plan: Plan, entry: PlanEntry, layer: int, checkpoint: Checkpoint, measurements: Measurements,
     matches: dict[int, list[_Match]], problems: list[str],
 ) -> list[TensorEdit]:
-    if layer >= checkpoint.num_layers:
-        problems.append(f"{entry.path}.layer: layer {layer} is out of range; the model has layers 0..{checkpoint.num_layers - 1}")
-        return []
     prepared = _direction(entry, layer if entry.measurement is None else entry.measurement, layer, measurements,
                           problems)
     selected = [match for match in matches.get(layer, [])
