@@ -24,7 +24,7 @@ import yaml
 
 from lib.checkpoint import Checkpoint, LogicalTensor, Shard, load_tensor
 from lib.model_files import INDEX_NAME
-from lib.plan import Plan
+from lib.plan import Plan, format_layers
 from lib.projection import project_out
 from lib.resolution import Resolution, TensorEdit
 from lib.safetensors_stream import (
@@ -276,7 +276,7 @@ def model_card(document: dict[str, Any], resolution: Resolution, original_card: 
         f"`{PLAN_FILE_NAME}` is bit-identical to the source.",
         "",
         f"- Measurements: `{document['measurements']['path']}` (sha256 `{document['measurements']['sha256']}`)",
-        f"- Layers edited: {_ranges(layers) if layers else 'none'}",
+        f"- Layers edited: {format_layers(layers) if layers else 'none'}",
         f"- Tensors edited: {len(resolution.edits)} ("
         + ", ".join(f"{count} {name}" for name, count in sorted(components.items())) + ")",
         f"- Global scale: {document['global_scale']:g}",
@@ -303,16 +303,6 @@ def _split_front_matter(card: str) -> tuple[str, str]:
             cut = len(card) if cut == -1 else cut + 1
             return card[:cut], card[cut:]
     return "", card
-
-
-def _ranges(numbers: list[int]) -> str:
-    spans: list[list[int]] = []
-    for number in numbers:
-        if spans and number == spans[-1][1] + 1:
-            spans[-1][1] = number
-        else:
-            spans.append([number, number])
-    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
 
 
 def edit_table(edits: tuple[TensorEdit, ...]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
@@ -224,6 +225,17 @@ def _layers(value: Any, path: str, problems: _Problems) -> tuple[int, ...]:
             continue
         problems.add(path, f"must be a layer number >= 0, an inclusive range like \"10-20\", or a list of those; got {item!r}")
     return tuple(layers)
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """Layer numbers in the plan's own syntax, the inverse of `_layers`: [1, 2, 3, 7] -> "1-3, 7"."""
+    spans: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
 
 
 def _measurement(value: Any, path: str, problems: _Problems) -> MeasurementSpec | None:

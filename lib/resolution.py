@@ -17,7 +17,6 @@ from lib.architectures import (
     ATTENTION_OUTPUT,
     BIASES,
     DEFAULT_COMPONENTS,
-    LAYER_COMPONENTS,
     MLP_OUTPUT,
     RESIDUAL_FIRST,
     RESIDUAL_LAST,
@@ -30,7 +29,7 @@ from lib.architectures import (
 )
 from lib.checkpoint import Checkpoint
 from lib.measurements import Measurements
-from lib.plan import MeasurementSpec, Plan, PlanEntry, raise_problems
+from lib.plan import MeasurementSpec, Plan, PlanEntry, format_layers, raise_problems
 from lib.projection import (
     DegenerateDirectionError,
     interpolated,
@@ -107,27 +106,16 @@ def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: 
     available = {rule.component for rule in checkpoint.family.rules}
     for component in sorted(entry.options.components - available - {BIASES}):
         problems.append(f"{entry.path}.components: model_type {checkpoint.model_type} has no {component} tensors; "
-                        f"it has: {', '.join(sorted(available & set(LAYER_COMPONENTS)))}")
+                        f"it has: {', '.join(sorted(available))}")
 
 
 def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> list[int]:
     """The entry's layers the model has; the others are one problem, however many there are."""
     outside = [layer for layer in entry.layers if layer >= checkpoint.num_layers]
     if outside:
-        what = f"layer {outside[0]} is" if len(outside) == 1 else f"layers {_ranges(outside)} are"
+        what = f"layer {outside[0]} is" if len(outside) == 1 else f"layers {format_layers(outside)} are"
         problems.append(f"{entry.path}.layer: {what} out of range; the model has layers 0..{checkpoint.num_layers - 1}")
     return [layer for layer in entry.layers if layer < checkpoint.num_layers]
-
-
-def _ranges(layers: list[int]) -> str:
-    """Sorted layer numbers written as runs: [6, 7, 8, 11] -> "6..8, 11"."""
-    runs: list[list[int]] = []
-    for layer in sorted(set(layers)):
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ", ".join(f"{run[0]}..{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:
