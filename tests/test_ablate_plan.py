@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
+from lib.plan import load_plan
 from tests.ablate_helpers import run_ablate, write_measurements, write_plan
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
@@ -139,14 +140,60 @@ def test_invalid_yaml_names_the_line(setup, capsys) -> None:
     assert status == 2 and "not valid YAML at line" in error
 
 
+def plan_text(plan: dict, entry: str) -> str:
+    """The setup's plan as hand-written YAML, with `entry` as its `ablate` block, verbatim."""
+    return (f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
+            f"ablate:\n{entry}")
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ("  - layer: 1\n    scale: 1.0\n    scale: 0\n", "key 'scale' appears twice (lines 6 and 7); keep one"),
+        ("  - layer: 1\nablate:\n  - layer: 2\n", "key 'ablate' appears twice (lines 4 and 6); keep one"),
+    ],
+    ids=["scale", "ablate"],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(setup, capsys, entry: str, problem: str) -> None:
+    """YAML would keep the last one silently: a second `scale: 0` shipped an unedited model as ablated."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert (status, error) == (2, f"error: {tmp_path / 'plan.yml'}: {problem}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "entry, layers, scale",
+    [
+        ("  - layer: [010, 011]\n", (10, 11), 1.0),  # YAML 1.1 reads octal: layers 8 and 9
+        ("  - layer: [0o10, 0x0b]\n", (8, 11), 1.0),
+        ("  - layer: 1\n    scale: 5e-1\n", (1,), 0.5),  # YAML 1.1 reads a string
+    ],
+    ids=["leading-zeros", "octal-and-hex", "exponent"],
+)
+def test_numbers_read_as_written(setup, entry: str, layers: tuple[int, ...], scale: float) -> None:
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    parsed = load_plan(tmp_path / "plan.yml")
+    assert parsed.entries[0].layers == layers and parsed.entries[0].options.scale == scale
+
+
+def test_yes_is_not_a_boolean(setup, capsys) -> None:
+    """YAML 1.1's yes/no/on/off are plain words in YAML 1.2: a flag takes true or false."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, "  - layer: 1\n    projected: yes\n"))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert status == 2 and "ablate[0].projected: must be true or false, got 'yes'" in error
+
+
 def test_legacy_plan_format_is_accepted(setup, capsys) -> None:
     """The hand-written format of older tools: model, measurements, output, ablate with all four keys."""
     plan, tmp_path = setup
-    (tmp_path / "plan.yml").write_text(
-        f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
-        "ablate:\n  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
-        "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
-    )
+    (tmp_path / "plan.yml").write_text(plan_text(
+        plan, "  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
+              "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
+    ))
     assert run_ablate([str(tmp_path / "plan.yml"), "--dry-run"], capsys).status == 0
 
 
