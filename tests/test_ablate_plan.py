@@ -10,7 +10,7 @@ import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
 from lib.plan import load_plan
-from tests.ablate_helpers import run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import rewrite_header, run_ablate, write_measurements, write_plan
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 
@@ -27,13 +27,16 @@ def setup(tiny_model, tmp_path: Path):
     return plan, tmp_path
 
 
-def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = ()) -> str:
+def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = (),
+                   extra_files: tuple[str, ...] = ()) -> str:
+    """Exit status 2, one line naming every fragment, and nothing written beside the test's `extra_files`."""
     status, error, _ = run_ablate([str(write_plan(tmp_path / "plan.yml", plan)), *extra], capsys)
     assert status == 2
     assert error.startswith("error: ") and error.count("\n") == 1, error
     for fragment in fragments:
         assert fragment in error, error
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.pt", "plan.yml"], "nothing may be written"
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == sorted(["m.pt", "plan.yml", *extra_files]), "nothing may be written"
     return error
 
 
@@ -248,3 +251,41 @@ def test_missing_experts_are_refused(tiny_model, tmp_path: Path, capsys) -> None
     status, error, _ = run_ablate([str(plan)], capsys)
     assert status == 2 and "2 problems" in error and "layer 1 has 4 experts' output tensors" in error
     assert "num_local_experts = 8" in error
+
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def shard_holding(model: Path, tensor: str) -> Path:
+    return model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+
+
+def test_a_shard_whose_tensors_overlap_is_refused(setup, capsys) -> None:
+    """safetensors itself refuses such a file; streamed, the o_proj written was another tensor's bytes."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "overlapping"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+
+    def point_o_proj_at_a_tensor_of_its_size(header: dict) -> None:
+        size = header[O_PROJ]["data_offsets"][1] - header[O_PROJ]["data_offsets"][0]
+        other = next(name for name, entry in header.items() if name not in (O_PROJ, "__metadata__")
+                     and entry["data_offsets"][1] - entry["data_offsets"][0] == size)
+        header[O_PROJ]["data_offsets"] = header[other]["data_offsets"]
+
+    rewrite_header(shard, point_o_proj_at_a_tensor_of_its_size)
+    error = assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor ", "overlaps tensor",
+                           "header is corrupt", extra_files=("models",))
+    assert O_PROJ in error
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["ablate", "dry-run"])
+def test_a_tensor_shaped_against_the_config_is_refused(setup, capsys, extra: tuple[str, ...]) -> None:
+    """o_proj declared [32, 128] (as many bytes) though config.json says hidden_size 64."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "reshaped"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+    rewrite_header(shard, lambda header: header[O_PROJ].update(shape=[HIDDEN_SIZE // 2, HIDDEN_SIZE * 2]))
+    assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor {O_PROJ} has shape [32, 128], but "
+                   f"config.json implies [hidden_size={HIDDEN_SIZE}, any]; "
+                   "the weights do not match the model's config",
+                   extra=extra, extra_files=("models",))
