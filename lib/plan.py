@@ -110,14 +110,70 @@ def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise UserError(f"{path}: plan file not found")
     text = path.read_text()
+    loader = _PlanLoader(text)
     try:
-        document = yaml.safe_load(text)
+        document = loader.get_single_data()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    raise_problems(path, loader.duplicate_keys)
     return parse_plan(document, path, text)
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """Safe YAML read by the YAML 1.2 core schema, refusing a key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where `010` is octal 8, `5e-1` is a string and `yes`/`on` are booleans,
+    and where a repeated key silently replaces the earlier one; in a plan each of those edits other
+    weights than the user wrote. Under the core schema numbers read as written (`010` is 10, `0o10`
+    is 8), only true/false are booleans, and everything else unquoted is a string. Merge keys
+    (`<<: *defaults`) keep working.
+    """
+
+    yaml_implicit_resolvers: dict = {}
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.duplicate_keys: list[str] = []
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # Checked on the composed node, before merge keys are flattened into it.
+        node = super().compose_mapping_node(anchor)
+        lines_by_key: dict[tuple[str, str], list[int]] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                lines_by_key.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+        for (_, key), lines in lines_by_key.items():
+            if len(lines) > 1:
+                times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+                listed = ", ".join(map(str, lines[:-1])) + f" and {lines[-1]}"
+                self.duplicate_keys.append(f"key '{key}' appears {times} (lines {listed}); keep one")
+        return node
+
+    def construct_core_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)  # leading zeros are decimal
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# The YAML 1.2 core schema's plain scalars (spec 1.2.2, section 10.3.2), in the order they are tried.
+_CORE_SCHEMA = (
+    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|"),
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE"),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
+    ("tag:yaml.org,2002:float",
+     r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"),
+    (_MERGE_TAG, r"<<"),
+)
+for tag, pattern in _CORE_SCHEMA:
+    _PlanLoader.add_implicit_resolver(tag, re.compile(rf"^(?:{pattern})$"), None)
+_PlanLoader.add_constructor("tag:yaml.org,2002:int", _PlanLoader.construct_core_int)
 
 
 def parse_plan(document: Any, source: Path, text: str = "") -> Plan:

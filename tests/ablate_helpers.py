@@ -1,9 +1,11 @@
 """Shared pieces of the sharded_ablate tests: measurement files, plans, runs and residual-write probes."""
 from __future__ import annotations
 
+import json
 import re
+import struct
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -33,6 +35,23 @@ def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int 
 def write_plan(path: Path, plan: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
+
+
+def write_raw_safetensors(path: Path, header: Any, data: bytes) -> Path:
+    """A file laid out as safetensors with exactly this header (however wrong) followed by `data`."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def rewrite_header(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Edit a safetensors file's header in place, keeping its data bytes as they are."""
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_length])
+    change(header)
+    write_raw_safetensors(path, header, raw[8 + header_length:])
 
 
 class Run(NamedTuple):

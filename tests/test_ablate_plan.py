@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
-from tests.ablate_helpers import run_ablate, write_measurements, write_plan
+from lib.plan import load_plan
+from tests.ablate_helpers import rewrite_header, run_ablate, write_measurements, write_plan
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 
@@ -26,13 +27,16 @@ def setup(tiny_model, tmp_path: Path):
     return plan, tmp_path
 
 
-def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = ()) -> str:
+def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = (),
+                   extra_files: tuple[str, ...] = ()) -> str:
+    """Exit status 2, one line naming every fragment, and nothing written beside the test's `extra_files`."""
     status, error, _ = run_ablate([str(write_plan(tmp_path / "plan.yml", plan)), *extra], capsys)
     assert status == 2
     assert error.startswith("error: ") and error.count("\n") == 1, error
     for fragment in fragments:
         assert fragment in error, error
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.pt", "plan.yml"], "nothing may be written"
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == sorted(["m.pt", "plan.yml", *extra_files]), "nothing may be written"
     return error
 
 
@@ -139,14 +143,60 @@ def test_invalid_yaml_names_the_line(setup, capsys) -> None:
     assert status == 2 and "not valid YAML at line" in error
 
 
+def plan_text(plan: dict, entry: str) -> str:
+    """The setup's plan as hand-written YAML, with `entry` as its `ablate` block, verbatim."""
+    return (f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
+            f"ablate:\n{entry}")
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ("  - layer: 1\n    scale: 1.0\n    scale: 0\n", "key 'scale' appears twice (lines 6 and 7); keep one"),
+        ("  - layer: 1\nablate:\n  - layer: 2\n", "key 'ablate' appears twice (lines 4 and 6); keep one"),
+    ],
+    ids=["scale", "ablate"],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(setup, capsys, entry: str, problem: str) -> None:
+    """YAML would keep the last one silently: a second `scale: 0` shipped an unedited model as ablated."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert (status, error) == (2, f"error: {tmp_path / 'plan.yml'}: {problem}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "entry, layers, scale",
+    [
+        ("  - layer: [010, 011]\n", (10, 11), 1.0),  # YAML 1.1 reads octal: layers 8 and 9
+        ("  - layer: [0o10, 0x0b]\n", (8, 11), 1.0),
+        ("  - layer: 1\n    scale: 5e-1\n", (1,), 0.5),  # YAML 1.1 reads a string
+    ],
+    ids=["leading-zeros", "octal-and-hex", "exponent"],
+)
+def test_numbers_read_as_written(setup, entry: str, layers: tuple[int, ...], scale: float) -> None:
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    parsed = load_plan(tmp_path / "plan.yml")
+    assert parsed.entries[0].layers == layers and parsed.entries[0].options.scale == scale
+
+
+def test_yes_is_not_a_boolean(setup, capsys) -> None:
+    """YAML 1.1's yes/no/on/off are plain words in YAML 1.2: a flag takes true or false."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, "  - layer: 1\n    projected: yes\n"))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert status == 2 and "ablate[0].projected: must be true or false, got 'yes'" in error
+
+
 def test_legacy_plan_format_is_accepted(setup, capsys) -> None:
     """The hand-written format of older tools: model, measurements, output, ablate with all four keys."""
     plan, tmp_path = setup
-    (tmp_path / "plan.yml").write_text(
-        f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
-        "ablate:\n  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
-        "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
-    )
+    (tmp_path / "plan.yml").write_text(plan_text(
+        plan, "  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
+              "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
+    ))
     assert run_ablate([str(tmp_path / "plan.yml"), "--dry-run"], capsys).status == 0
 
 
@@ -201,3 +251,41 @@ def test_missing_experts_are_refused(tiny_model, tmp_path: Path, capsys) -> None
     status, error, _ = run_ablate([str(plan)], capsys)
     assert status == 2 and "2 problems" in error and "layer 1 has 4 experts' output tensors" in error
     assert "num_local_experts = 8" in error
+
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def shard_holding(model: Path, tensor: str) -> Path:
+    return model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+
+
+def test_a_shard_whose_tensors_overlap_is_refused(setup, capsys) -> None:
+    """safetensors itself refuses such a file; streamed, the o_proj written was another tensor's bytes."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "overlapping"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+
+    def point_o_proj_at_a_tensor_of_its_size(header: dict) -> None:
+        size = header[O_PROJ]["data_offsets"][1] - header[O_PROJ]["data_offsets"][0]
+        other = next(name for name, entry in header.items() if name not in (O_PROJ, "__metadata__")
+                     and entry["data_offsets"][1] - entry["data_offsets"][0] == size)
+        header[O_PROJ]["data_offsets"] = header[other]["data_offsets"]
+
+    rewrite_header(shard, point_o_proj_at_a_tensor_of_its_size)
+    error = assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor ", "overlaps tensor",
+                           "header is corrupt", extra_files=("models",))
+    assert O_PROJ in error
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["ablate", "dry-run"])
+def test_a_tensor_shaped_against_the_config_is_refused(setup, capsys, extra: tuple[str, ...]) -> None:
+    """o_proj declared [32, 128] (as many bytes) though config.json says hidden_size 64."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "reshaped"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+    rewrite_header(shard, lambda header: header[O_PROJ].update(shape=[HIDDEN_SIZE // 2, HIDDEN_SIZE * 2]))
+    assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor {O_PROJ} has shape [32, 128], but "
+                   f"config.json implies [hidden_size={HIDDEN_SIZE}, any]; "
+                   "the weights do not match the model's config",
+                   extra=extra, extra_files=("models",))
