@@ -1,6 +1,7 @@
 """Shared pieces of the sharded_ablate tests: measurement files, plans, runs and residual-write probes."""
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -13,6 +14,7 @@ from safetensors import safe_open
 import sharded_ablate
 from lib.errors import run_cli
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
+from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
 
@@ -33,6 +35,21 @@ def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int 
 def write_plan(path: Path, plan: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Content hash of every file under `directory` (following symlinks), by relative path."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def make_plan(tmp_path: Path, model: str | Path, **extra) -> Path:
+    """tmp_path/plan.yml: `model` ablated at layer 2 with tmp_path/m.pt (written once) into tmp_path/out."""
+    if not (tmp_path / "m.pt").exists():
+        write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
+    plan = {"model": str(model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
+            "ablate": [{"layer": 2}], **extra}
+    return write_plan(tmp_path / "plan.yml", plan)
 
 
 class Run(NamedTuple):
