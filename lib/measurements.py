@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lib.atomic import atomic_file
-from lib.errors import UserError
+from lib.errors import UserError, writing
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,26 @@ def measurement_dict(measurements: Measurements) -> dict[str, Any]:
     return flat
 
 
+# Per residual layer: both means, the raw and the unit refusal vector, both variances (SPEC §2).
+VECTORS_PER_LAYER = 6
+# Beyond the float32 vectors: torch.save's zip entry, alignment and pickle record per tensor (a few
+# hundred bytes), and the meta record, generously rounded up.
+_BYTES_PER_VECTOR_RECORD = 1024
+_META_BYTES = 64 << 10
+
+
+def estimated_file_bytes(num_layers: int, hidden_size: int) -> int:
+    """At least the size of the file `save_measurements` writes for a model of this shape."""
+    vectors = VECTORS_PER_LAYER * (num_layers + 1)
+    return vectors * (4 * hidden_size + _BYTES_PER_VECTOR_RECORD) + _META_BYTES
+
+
 def save_measurements(measurements: Measurements, path: Path) -> None:
     """Write atomically: the file appears under `path` only when complete."""
-    with atomic_file(Path(path)) as temporary:
-        torch.save(measurement_dict(measurements), temporary)
+    with writing(path), atomic_file(Path(path)) as temporary, open(temporary, "wb") as handle:
+        # Into a Python file object: a full disk then raises OSError (ENOSPC) rather than a RuntimeError
+        # of torch's own writer that does not say why.
+        torch.save(measurement_dict(measurements), handle)
 
 
 def load_measurements(path: Path) -> Measurements:

@@ -21,6 +21,7 @@ from lib.measurements import load_measurements
 from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
 from lib.signal_metrics import analyze_measurements
 from tests.conftest import FixtureFactory
+from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -203,6 +204,34 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert pixels.shape[:2] == (CHART_PIXELS[1], CHART_PIXELS[0])
     assert pixels[..., :3].std() > 0.05  # something was drawn
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+
+
+def test_chart_on_a_full_disk_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    with small_tmpfs(tmp_path / "small", 64 << 10) as small:  # the chart is a few hundred KB
+        chart = small / "chart.png"
+        status, _, error = run_analyze([str(path), "--chart", str(chart)], capsys)
+        assert status == 2
+        assert error.splitlines() == [
+            f"error: {chart}: no space left on device while writing; free some space or write elsewhere, "
+            "then run again"
+        ]
+        assert list(small.iterdir()) == []  # no partial chart, no temporary
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`analyze.py --json | head` once head has read enough: no BrokenPipeError traceback."""
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    process = subprocess.Popen(
+        [sys.executable, "analyze.py", str(path), "--json"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # the reader is gone before the first byte is written
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert error == b""
 
 
 def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:

@@ -131,6 +131,18 @@ def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) 
     assert _no_output(workspace)
 
 
+def test_output_without_room_stops_before_loading(capsys, workspace: Path) -> None:
+    """A config-only model whose measurement file (6 vectors of 2^30 floats for each of 100001 residual
+    layers) needs petabytes: the free-space check must stop the run before the model is touched."""
+    model = workspace / "enormous"
+    build_config("llama", num_hidden_layers=100_000, hidden_size=1 << 30).save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    output = workspace / "out" / "m.pt"
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith(f"error: --output {output}: needs ") and "safety margin but only" in line
+    assert _no_output(workspace)
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--batch-size", "-1"], ["--max-prompts", "0"], ["--quant-measure", "3bit"], ["--device-map", "tpu"]],
