@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ def measurement_dict(measurements: Measurements) -> dict[str, Any]:
     return flat
 
 
+# What torch.load(weights_only=True) says it refused, inside a long message that suggests unsafe loading.
+_REFUSED_BY_SAFE_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)")
 # Per residual layer: both means, the raw and the unit refusal vector, both variances (SPEC §2).
 VECTORS_PER_LAYER = 6
 # Beyond the float32 vectors: torch.save's zip entry, alignment and pickle record per tensor (a few
@@ -115,25 +118,42 @@ def save_measurements(measurements: Measurements, path: Path) -> None:
 def load_measurements(path: Path) -> Measurements:
     """Read and validate a measurement file; every problem is a one-line UserError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: measurement file not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (expected a .pt measurement file)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # noqa: BLE001 - arbitrary bytes make the unpickler raise anything
         raise UserError(
-            f"{path}: not a measurement file (expected a torch.save'd dict of plain tensors: {first_line})"
+            f"{path}: not a measurement file "
+            f"(expected a torch.save'd dict of plain tensors; {_load_failure(error)})"
         ) from None
     return parse_measurements(raw, path)
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in one line: its own messages span many lines or say only `KeyError: 101`."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot read it: {error.strerror}"
+    refused = _REFUSED_BY_SAFE_UNPICKLER.search(str(error))
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return f"the safe loader refused it: {refused[1].strip()}"
+    text = str(error).strip()
+    return f"torch.load failed: {type(error).__name__}" + (f": {text.splitlines()[0]}" if text else "")
 
 
 def parse_measurements(raw: Any, path: Path) -> Measurements:
     if not isinstance(raw, dict) or "layers" not in raw:
         raise UserError(f"{path}: not a measurement file (expected a dict with a 'layers' key)")
+    odd_keys = [key for key in raw if not isinstance(key, str)]
+    if odd_keys:
+        raise UserError(f"{path}: not a measurement file (key {odd_keys[0]!r} is not a string)")
     num_layers = raw["layers"]
-    if isinstance(num_layers, torch.Tensor) and num_layers.numel() == 1:
+    is_integer_tensor = isinstance(num_layers, torch.Tensor) and not num_layers.is_floating_point()
+    if is_integer_tensor and num_layers.numel() == 1:
         num_layers = int(num_layers.item())
-    if not isinstance(num_layers, int) or num_layers < 1:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise UserError(f"{path}: key 'layers' must be a positive integer, got {num_layers!r}")
     layer_indices = sorted(
         {int(key.rsplit("_", 1)[1]) for key in raw if key.startswith(("refuse_", "refusenorm_", "harmful_"))
@@ -178,6 +198,8 @@ def _vector(raw: dict[str, Any], key: str, path: Path, required: bool) -> torch.
         return None
     if not isinstance(value, torch.Tensor):
         raise UserError(f"{path}: key '{key}' must be a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise UserError(f"{path}: key '{key}' must be a floating-point tensor, got {value.dtype}")
     vector = value.detach().to(torch.float32).flatten()
     if not torch.isfinite(vector).all():
         raise UserError(f"{path}: key '{key}' contains NaN or infinite values")

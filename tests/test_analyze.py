@@ -349,7 +349,7 @@ def _without_layer(content: dict, layer: int) -> dict:
     return {key: value for key, value in content.items() if not key.endswith(f"_{layer}")}
 
 
-def _with(content: dict, key: str, value: object) -> dict:
+def _with(content: dict, key: object, value: object) -> dict:
     return {**content, key: value}
 
 
@@ -375,7 +375,16 @@ BAD_FILES = {
     "negative variance": (_with(GOOD, "harmless_var_2", -torch.ones(HIDDEN_SIZE)), "negative"),
     "wrong size inside a layer": (_with(GOOD, "harmful_var_2", torch.ones(8)), "different sizes"),
     "no means": ({key: value for key, value in GOOD.items() if not key.startswith("harm")}, "means"),
-    "arbitrary object": (_with(GOOD, "meta", {"path": Path("/")}), "not a measurement file"),
+    "arbitrary object": (_with(GOOD, "meta", {"path": Path("/")}), "Unsupported global: GLOBAL pathlib"),
+    # torch.load's own failures on odd bytes (KeyError, IndexError, UnicodeDecodeError, ...) and odd dicts
+    "plain text": (b"hello world\n", "not a measurement file (expected a torch.save'd dict of plain tensors"),
+    "key that is not a string": (_with(GOOD, 7, torch.ones(HIDDEN_SIZE)), "key 7 is not a string"),
+    "'layers' is a bool": (_with(GOOD, "layers", True), "'layers' must be a positive integer, got True"),
+    "'layers' is a float tensor": (_with(GOOD, "layers", torch.tensor(12.5)), "'layers' must be a positive"),
+    "complex vector": (
+        _with(GOOD, "refuse_3", torch.ones(HIDDEN_SIZE, dtype=torch.complex64)),
+        "'refuse_3' must be a floating-point tensor, got torch.complex64",
+    ),
 }
 
 
@@ -391,6 +400,13 @@ def test_bad_input_is_one_line_and_status_2(name: str, tmp_path: Path, capsys: p
     assert status == 2 and out == ""
     assert error.startswith("error: ") and len(error.strip().splitlines()) == 1 and message in error
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["bad.pt"]  # no chart, no temporary
+
+
+def test_a_directory_is_not_a_measurement_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "m.pt").mkdir()
+    status, _, error = run_analyze([str(tmp_path / "m.pt")], capsys)
+    assert status == 2
+    assert error == f"error: {tmp_path / 'm.pt'}: not a regular file (expected a .pt measurement file)\n"
 
 
 def test_pickle_is_never_executed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
