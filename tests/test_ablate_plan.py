@@ -10,7 +10,7 @@ import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
 from tests.ablate_helpers import run_ablate, write_measurements, write_plan
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.fixtures import DAMAGES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, damaged_copy
 
 
 @pytest.fixture
@@ -130,6 +130,15 @@ def test_unknown_family_lists_the_supported_ones(setup, capsys, tmp_path: Path) 
     error = run_ablate([str(write_plan(tmp_path / "plan.yml", plan))], capsys).error
     assert "'falcon' is not supported" in error and "gpt_oss, llama" in error and "qwen3_moe" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_files_are_named(setup, capsys, tmp_path_factory: pytest.TempPathFactory,
+                                       damage: str) -> None:
+    plan, tmp_path = setup
+    model, broken = damaged_copy(Path(plan["model"]), tmp_path_factory.mktemp("damaged") / "model", damage)
+    plan["model"] = str(model)
+    assert_refused(plan, tmp_path, capsys, f"error: {broken}: ")
 
 
 def test_invalid_yaml_names_the_line(setup, capsys) -> None:

@@ -20,7 +20,7 @@ from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, 
 from lib.generation import DecodingSettings, generate_replies
 from lib.loading import ModelLoadOptions, load_model_and_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
-from tests.fixtures import build_tokenizer
+from tests.fixtures import build_tokenizer, damaged_copy
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply
 from tests.measure_helpers import HARMFUL_PROMPTS, HARMLESS_PROMPTS
 
@@ -315,3 +315,15 @@ def test_report_in_a_missing_directory(capsys, tiny_model, prompt_files, tmp_pat
     report = tmp_path / "missing" / "r.json"
     line = _fails(capsys, _arguments(prompt_files, report, "--model", str(tiny_model("llama"))))
     assert line.startswith(f"error: --json {report}: directory ") and "does not exist" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "index cut short", "config.json cut short"])
+def test_damaged_ablated_model_is_named_before_any_scoring(
+    capsys, tiny_model, prompt_files, tmp_path: Path, damage: str
+) -> None:
+    original = tiny_model("llama")
+    ablated, broken = damaged_copy(original, tmp_path / "damaged", damage)
+    argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(ablated))
+    line = _fails(capsys, argv)
+    assert line.startswith(f"error: {broken}: "), line
+    assert not (tmp_path / "r.json").exists()

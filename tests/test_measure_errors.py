@@ -12,7 +12,7 @@ import pytest
 
 from lib.errors import run_cli
 from measure import main
-from tests.fixtures import build_config, build_tokenizer
+from tests.fixtures import DAMAGES, build_config, build_tokenizer, damaged_copy
 from tests.measure_helpers import run_measure, write_prompt_files
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -77,6 +77,26 @@ def test_bad_prompt_files(
         path.write_text(content)
     line = _fails(capsys, _arguments(workspace, tiny_model("llama"), **{flag: str(path)}))
     assert line.startswith(f"error: {flag} {path}: ") and message in line
+    assert _no_output(workspace)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_files_are_named(capsys, tiny_model, workspace: Path, damage: str) -> None:
+    model, broken = damaged_copy(tiny_model("llama"), workspace / "damaged", damage)
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith(f"error: {broken}: "), line
+    if broken.suffix == ".json":
+        assert "invalid JSON (" in line or "which is missing" in line
+    assert _no_output(workspace)
+
+
+def test_shard_that_safetensors_refuses_is_one_line(capsys, tiny_model, workspace: Path) -> None:
+    """Bytes after the last tensor: transformers' loader refuses the shard with a SafetensorError."""
+    model = Path(shutil.copytree(tiny_model("llama"), workspace / "padded"))
+    with open(sorted(model.glob("model-*.safetensors"))[1], "ab") as handle:
+        handle.write(b"trailing bytes")
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith("error: ") and str(model) in line
     assert _no_output(workspace)
 
 
