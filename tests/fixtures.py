@@ -207,6 +207,17 @@ def build_fixture(
     return output_dir
 
 
+def copy_without_chat_template(model_directory: Path, destination: Path) -> Path:
+    """A copy of a fixture whose tokenizer has no chat template (as a base model's has none)."""
+    shutil.copytree(model_directory, destination)
+    (destination / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = destination / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return destination
+
+
 # Ways model files break on disk (an interrupted download or copy, a hand edit), for the error tests.
 DAMAGES = (
     "truncated shard", "overwritten shard header", "missing shard", "config.json cut short", "index cut short",

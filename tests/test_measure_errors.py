@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from lib.errors import run_cli
 from measure import main
-from tests.fixtures import DAMAGES, build_config, build_tokenizer, damaged_copy
+from tests.fixtures import DAMAGES, build_config, build_tokenizer, copy_without_chat_template, damaged_copy
 from tests.measure_helpers import run_measure, write_prompt_files
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -100,18 +99,8 @@ def test_shard_that_safetensors_refuses_is_one_line(capsys, tiny_model, workspac
     assert _no_output(workspace)
 
 
-def _copy_without_chat_template(source: Path, destination: Path) -> Path:
-    shutil.copytree(source, destination)
-    (destination / "chat_template.jinja").unlink(missing_ok=True)
-    config_path = destination / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("chat_template", None)
-    config_path.write_text(json.dumps(config))
-    return destination
-
-
 def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> None:
-    model = _copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
+    model = copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
     line = _fails(capsys, _arguments(workspace, model))
     assert (
         line.startswith(f"error: --model {model}: ")
