@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for source, tokenizer in zip(sources, tokenizers):
             require_chat_template(tokenizer, source.label)
     if len(sources) == 2:
-        check_same_tokens(sources[0], tokenizers[0], sources[1], tokenizers[1])
+        check_same_tokens(sources[0], tokenizers[0], sources[1], tokenizers[1], use_chat_template)
     prompt_sets = [
         PromptSet(
             kind,
