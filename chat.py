@@ -1,6 +1,7 @@
 """Chat with a model in the terminal, replies streamed as they are generated; or answer one --prompt.
 
-The conversation's history goes through the model's chat template for every reply. Commands:
+The conversation's history goes through the model's chat template for every reply (with
+--no-chat-template it is sent as raw text, for models without a template). Commands:
 /clear, /system TEXT, /exit (see lib/chat_session.py). Decoding is greedy unless --temperature
 is above 0. See docs/evaluate.md.
 """
