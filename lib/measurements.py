@@ -93,6 +93,7 @@ def measurement_dict(measurements: Measurements) -> dict[str, Any]:
 
 # What torch.load(weights_only=True) says it refused, inside a long message that suggests unsafe loading.
 _REFUSED_BY_SAFE_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Per residual layer: both means, the raw and the unit refusal vector, both variances (SPEC §2).
 VECTORS_PER_LAYER = 6
 # Beyond the float32 vectors: torch.save's zip entry, alignment and pickle record per tensor (a few
@@ -150,7 +151,7 @@ def parse_measurements(raw: Any, path: Path) -> Measurements:
     if odd_keys:
         raise UserError(f"{path}: not a measurement file (key {odd_keys[0]!r} is not a string)")
     num_layers = raw["layers"]
-    is_integer_tensor = isinstance(num_layers, torch.Tensor) and not num_layers.is_floating_point()
+    is_integer_tensor = isinstance(num_layers, torch.Tensor) and num_layers.dtype in _INTEGER_DTYPES
     if is_integer_tensor and num_layers.numel() == 1:
         num_layers = int(num_layers.item())
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:

@@ -381,6 +381,7 @@ BAD_FILES = {
     "key that is not a string": (_with(GOOD, 7, torch.ones(HIDDEN_SIZE)), "key 7 is not a string"),
     "'layers' is a bool": (_with(GOOD, "layers", True), "'layers' must be a positive integer, got True"),
     "'layers' is a float tensor": (_with(GOOD, "layers", torch.tensor(12.5)), "'layers' must be a positive"),
+    "'layers' is a complex tensor": (_with(GOOD, "layers", torch.tensor(12 + 1j)), "'layers' must be a positive"),
     "complex vector": (
         _with(GOOD, "refuse_3", torch.ones(HIDDEN_SIZE, dtype=torch.complex64)),
         "'refuse_3' must be a floating-point tensor, got torch.complex64",
