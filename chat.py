@@ -1,6 +1,7 @@
 """Chat with a model in the terminal, replies streamed as they are generated; or answer one --prompt.
 
-The conversation's history goes through the model's chat template for every reply. Commands:
+The conversation's history goes through the model's chat template for every reply (with
+--no-chat-template it is sent as raw text, for models without a template). Commands:
 /clear, /system TEXT, /exit (see lib/chat_session.py). Decoding is greedy unless --temperature
 is above 0. See docs/evaluate.md.
 """
@@ -14,7 +15,7 @@ from typing import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib.arguments import non_negative_float, positive_integer, probability
-from lib.chat_format import require_chat_template, tokenize_conversation
+from lib.chat_format import add_no_chat_template_argument, require_chat_template, tokenize_conversation
 from lib.chat_session import HELP_TEXT, Action, Conversation, parse_line
 from lib.errors import UserError, run_cli, warn
 from lib.generation import DecodingSettings, stream_reply
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="when sampling, draw only from the most likely tokens whose probabilities add up to P "
         "(default: 1.0, all tokens)",
     )
+    add_no_chat_template_argument(parser)
     add_model_loading_arguments(parser, quantization_flags=("--quant",))
     return parser
 
@@ -83,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
     tokenizer = load_tokenizer(model_directory, label)
-    require_chat_template(tokenizer, label)
-    conversation = Conversation(system_prompt=arguments.system)
-    tokenize_conversation(tokenizer, conversation.messages("hello"))  # a template may reject --system
+    use_chat_template = not arguments.no_chat_template
+    if use_chat_template:
+        require_chat_template(tokenizer, label)
+    conversation = Conversation(system_prompt=arguments.system, use_chat_template=use_chat_template)
+    conversation_token_ids(tokenizer, conversation, "hello")  # a template may reject --system
     model = load_model(model_directory, ModelLoadOptions.from_arguments(arguments), label)
     settings = DecodingSettings(arguments.max_new_tokens, arguments.temperature, arguments.top_p)
 
@@ -142,7 +146,7 @@ def reply(
     settings: DecodingSettings,
 ) -> None:
     """Stream the model's reply to `message` and add the exchange to the conversation."""
-    token_ids = tokenize_conversation(tokenizer, conversation.messages(message))
+    token_ids = conversation_token_ids(tokenizer, conversation, message)
     positions = getattr(text_config(model.config), "max_position_embeddings", None)
     if positions is not None and len(token_ids) + settings.max_new_tokens > positions:
         warn(
@@ -158,12 +162,24 @@ def set_system_prompt(
     previous = conversation.system_prompt
     conversation.system_prompt = system_prompt
     try:
-        tokenize_conversation(tokenizer, conversation.messages("hello"), system_flag="/system")
+        conversation_token_ids(tokenizer, conversation, "hello", system_flag="/system")
     except UserError as error:
         conversation.system_prompt = previous
         print(f"(system message not changed: {error})")
         return
     print("(system message removed)" if system_prompt is None else "(system message set)")
+
+
+def conversation_token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+    message: str,
+    system_flag: str = "--system",
+) -> list[int]:
+    """The conversation so far and `message` as the user's next turn, formatted as the conversation asks."""
+    return tokenize_conversation(
+        tokenizer, conversation.messages(message), system_flag, conversation.use_chat_template
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from lib.ablation import (
 )
 from lib.atomic import atomic_directory, recover_interrupted
 from lib.checkpoint import open_checkpoint
-from lib.errors import UserError, run_cli
+from lib.errors import UserError, run_cli, writing
 from lib.measurements import load_measurements
 from lib.output_guard import check_free_space, check_output_location, output_lock
 from lib.plan import load_plan
@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         weight_bytes = sum(shard.nbytes for shard in shards)
         linked_bytes = sum(shard.nbytes for shard in shards if shard.is_unchanged) if arguments.link else 0
         check_free_space(plan.output, weight_bytes - linked_bytes + non_weight_bytes(copied_files))
-        with atomic_directory(plan.output, replace_existing=arguments.overwrite) as staging:
+        with (writing(plan.output),
+              atomic_directory(plan.output, replace_existing=arguments.overwrite) as staging):
             with tqdm(total=weight_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing") as progress:
                 write_weights(shards, staging, arguments.link, device, progress.update)
             write_index(checkpoint, shards, staging)

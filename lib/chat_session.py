@@ -66,6 +66,7 @@ class Conversation:
 
     system_prompt: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    use_chat_template: bool = True  # False: the messages are sent as raw text (--no-chat-template)
 
     def messages(self, next_message: str | None = None) -> list[dict[str, str]]:
         """Every message so far, then `next_message` as the user's new turn if given."""

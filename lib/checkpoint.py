@@ -6,7 +6,6 @@ pair, already in the orientation of the BF16 checkpoints.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from lib.architectures import (
     layer_tensor_pattern,
 )
 from lib.errors import UserError
-from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, resolve_model_directory
+from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, read_index, resolve_model_directory
 from lib.safetensors_stream import (
     DTYPE_NAMES,
     ELEMENT_SIZES,
@@ -219,8 +218,7 @@ def _shape_text(expected: ExpectedShape) -> str:
 def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool, dict[str, Any]]:
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index.get("weight_map", {})
+        weight_map, index_metadata = read_index(index_path)
         stored_by_file = {}
         for file_name in dict.fromkeys(weight_map.values()):
             if not (directory / file_name).is_file():
@@ -229,7 +227,7 @@ def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool,
         for name, file_name in weight_map.items():
             if name not in {tensor.name for tensor in stored_by_file[file_name].tensors}:
                 raise UserError(f"{index_path}: maps {name} to {file_name}, which does not contain it")
-        return stored_by_file, True, index.get("metadata", {})
+        return stored_by_file, True, index_metadata
     if (directory / SINGLE_FILE_NAME).is_file():
         return {SINGLE_FILE_NAME: read_header(directory / SINGLE_FILE_NAME)}, False, {}
     raise UserError(f"{directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")

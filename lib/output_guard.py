@@ -66,8 +66,10 @@ def check_free_space(output: Path, needed_bytes: int, flag: str = "output") -> N
     parent = output.absolute().resolve().parent
     free = shutil.disk_usage(parent).free
     if needed_bytes + _FREE_SPACE_MARGIN_BYTES > free:
-        raise UserError(f"{flag} {output}: needs {_gigabytes(needed_bytes)} but only {_gigabytes(free)} is free on "
-                        f"the filesystem of {parent}; free some space or choose another output")
+        margin = _gigabytes(_FREE_SPACE_MARGIN_BYTES)
+        raise UserError(f"{flag} {output}: needs {_gigabytes(needed_bytes)} plus a {margin} safety margin "
+                        f"but only {_gigabytes(free)} is free on the filesystem of {parent}; "
+                        "free some space or choose another output")
 
 
 def _gigabytes(count: int) -> str:

@@ -26,7 +26,7 @@ from lib.architectures import (
 )
 from lib.checkpoint import Checkpoint, TensorMatch
 from lib.measurements import Measurements
-from lib.plan import MeasurementSpec, Plan, PlanEntry, format_layers, raise_problems
+from lib.plan import MeasurementSpec, Plan, PlanEntry, layers_are, raise_problems
 from lib.projection import (
     DegenerateDirectionError,
     interpolated,
@@ -100,12 +100,18 @@ def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: 
 
 
 def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> list[int]:
-    """The entry's layers the model has; the others are one problem, however many there are."""
-    outside = [layer for layer in entry.layers if layer >= checkpoint.num_layers]
+    """The entry's layers the model has; the others are one problem, however many there are.
+
+    Ranges are cut at the model's layer count before any is expanded: a typo like "2-30000000"
+    costs nothing.
+    """
+    count = checkpoint.num_layers
+    outside = [range(max(layers.start, count), layers.stop) for layers in entry.layer_ranges
+               if layers.stop > count]
     if outside:
-        what = f"layer {outside[0]} is" if len(outside) == 1 else f"layers {format_layers(outside)} are"
-        problems.append(f"{entry.path}.layer: {what} out of range; the model has layers 0..{checkpoint.num_layers - 1}")
-    return [layer for layer in entry.layers if layer < checkpoint.num_layers]
+        problems.append(f"{entry.path}.layer: {layers_are(outside)} out of range; "
+                        f"the model has layers 0..{count - 1}")
+    return [layer for layers in entry.layer_ranges for layer in range(layers.start, min(layers.stop, count))]
 
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:

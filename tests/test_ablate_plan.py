@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
 from lib.plan import load_plan
 from tests.ablate_helpers import rewrite_header, run_ablate, write_measurements, write_plan
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.fixtures import DAMAGES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, damaged_copy
 
 
 @pytest.fixture
@@ -54,6 +55,9 @@ def test_the_valid_plan_runs(setup, capsys) -> None:
         (lambda plan: plan["ablate"][0].update(layer="2-9"), ("plan.yml: ablate[0].layer: layers 4-9 are out of range", "0..3")),
         (lambda plan: plan["ablate"][0].update(layer=[5, "2-3", 7, 8]), ("plan.yml: ablate[0].layer: layers 5, 7-8 are",)),
         (lambda plan: plan["ablate"][0].update(layer="9-2"), ("ablate[0].layer", "inclusive range")),
+        (lambda plan: plan.update(ablate=[{"layer": [0, "1-3"]}, {"layer": "2-30000000"}]),
+         ("ablate[1].layer: layers 2-3 are already planned by ablate[0]",)),
+        (lambda plan: plan["ablate"][0].update(layer=["1-2", 2]), ("layer 2 is already planned earlier",)),
         (lambda plan: plan["ablate"][0].update(layer=-1), ("ablate[0].layer", "layer number >= 0")),
         (lambda plan: plan["ablate"][0].update(measurement=7), ("ablate[0].measurement", "no layer 7", "0..4")),
         (lambda plan: plan["ablate"][0].update(measurement=4.5), ("ablate[0].measurement", "no layer 5")),
@@ -77,6 +81,19 @@ def test_bad_plans_name_the_yaml_path_and_what_is_allowed(setup, capsys, change,
     plan, tmp_path = setup
     change(plan)
     assert_refused(plan, tmp_path, capsys, *fragments)
+
+
+def test_a_huge_layer_range_is_refused_without_expanding_it(setup, capsys) -> None:
+    """A typo like "2-30000000" for "2-3" once took 23 s and 3.4 GB to be found out of range."""
+    plan, tmp_path = setup
+    plan["ablate"][0]["layer"] = "2-30000000"
+    tracemalloc.start()
+    try:
+        assert_refused(plan, tmp_path, capsys, "ablate[0].layer: layers 4-30000000 are out of range", "0..3")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20  # the 30 million layer numbers alone, as Python ints in a list, take over 1 GB
 
 
 def test_components_the_family_lacks_are_refused(setup, capsys) -> None:
@@ -134,6 +151,15 @@ def test_unknown_family_lists_the_supported_ones(setup, capsys, tmp_path: Path) 
     error = run_ablate([str(write_plan(tmp_path / "plan.yml", plan))], capsys).error
     assert "'falcon' is not supported" in error and "gpt_oss, llama" in error and "qwen3_moe" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_files_are_named(setup, capsys, tmp_path_factory: pytest.TempPathFactory,
+                                       damage: str) -> None:
+    plan, tmp_path = setup
+    model, broken = damaged_copy(Path(plan["model"]), tmp_path_factory.mktemp("damaged") / "model", damage)
+    plan["model"] = str(model)
+    assert_refused(plan, tmp_path, capsys, f"error: {broken}: ")
 
 
 def test_invalid_yaml_names_the_line(setup, capsys) -> None:

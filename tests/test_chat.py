@@ -19,8 +19,8 @@ from chat import main
 from lib.chat_format import tokenize_conversation
 from lib.chat_session import Action, Conversation, parse_line
 from lib.errors import UserError, run_cli
-from tests.fixtures import build_tokenizer
-from tests.generation_helpers import reference_greedy_reply
+from tests.fixtures import build_tokenizer, copy_without_chat_template
+from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ANSI_ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
@@ -71,6 +71,26 @@ def test_system_message_reaches_the_template(tiny_model, capsys) -> None:
     )
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
     assert capsys.readouterr().out.strip() == reference_greedy_reply(model, messages, 6)
+
+
+def test_a_model_without_chat_template_continues_the_raw_text(tiny_model, tmp_path: Path, capsys) -> None:
+    model = copy_without_chat_template(tiny_model("llama"), tmp_path / "base-model")
+    arguments = ["--model", str(model), "--prompt", "Once upon a time", "--system", "A story.",
+                 "--max-new-tokens", "6"]
+    line = _fails(capsys, arguments)
+    assert line.startswith(f"error: --model {model}: the tokenizer has no chat template")
+    assert "--no-chat-template" in line
+    assert main([*arguments, "--no-chat-template"]) == 0
+    expected = reference_greedy_continuation(model, "A story.\n\nOnce upon a time", 6)
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_raw_conversation_joins_the_turns_with_blank_lines() -> None:
+    tokenizer = build_tokenizer()
+    conversation = Conversation(system_prompt="Be kind.", use_chat_template=False)
+    conversation.add_exchange("first question", "first answer")
+    ids = tokenize_conversation(tokenizer, conversation.messages("second"), use_chat_template=False)
+    assert tokenizer.decode(ids) == "<bos>Be kind.\n\nfirst question\n\nfirst answer\n\nsecond"
 
 
 def test_conversation_history_and_commands() -> None:

@@ -20,7 +20,7 @@ from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, 
 from lib.generation import DecodingSettings, generate_replies
 from lib.loading import ModelLoadOptions, load_model_and_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
-from tests.fixtures import build_tokenizer
+from tests.fixtures import build_tokenizer, damaged_copy
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply
 from tests.measure_helpers import HARMFUL_PROMPTS, HARMLESS_PROMPTS
 
@@ -300,6 +300,59 @@ def test_mismatched_tokenizers_are_refused_before_loading_weights(
     assert not (tmp_path / "r.json").exists()
 
 
+def _edit_tokenizer_json(directory: Path, edit) -> None:
+    path = directory / "tokenizer.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+def _mark_not_special(document: dict, content: str) -> None:
+    next(token for token in document["added_tokens"] if token["content"] == content)["special"] = False
+
+
+# Same vocabulary, other behaviour: each must be named before any weights are read.
+TOKENIZER_JSON_EDITS = {
+    # The reported case: refusals went from 87.5% to 0.0% because every reply decoded to "ĠI Ġcan't".
+    "no decoder": (lambda document: document.update(decoder=None), "decoding (ids ["),
+    "lowercasing normalizer": (
+        lambda document: document.update(normalizer={"type": "Lowercase"}),
+        "encoding (",
+    ),
+    "special token demoted": (
+        lambda document: _mark_not_special(document, "<|end|>"),
+        "special tokens (added token 4: '<|end|>' (special) vs '<|end|>' (not special))",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", TOKENIZER_JSON_EDITS)
+def test_tokenizers_that_encode_or_decode_differently_are_refused(
+    capsys, tiny_model, prompt_files, tmp_path: Path, edit: str
+) -> None:
+    original = _without_weights(tiny_model("llama"), tmp_path / "original")
+    edited = _without_weights(tiny_model("llama"), tmp_path / "edited")
+    change, named = TOKENIZER_JSON_EDITS[edit]
+    _edit_tokenizer_json(edited, change)
+    argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(edited))
+    line = _fails(capsys, argv)
+    assert line.startswith(f"error: --ablated {edited}: tokenizer does not match --model {original}'s")
+    assert named in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_without_chat_template_the_templates_may_differ(tiny_model, prompt_files, tmp_path: Path) -> None:
+    """--no-chat-template uses no template, so a pair whose templates differ is still comparable."""
+    edited = shutil.copytree(tiny_model("llama", seed=1), tmp_path / "edited")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace("assistant", "model")
+    tokenizer.save_pretrained(edited)
+    (tmp_path / "out").mkdir()
+    models = ("--model", str(tiny_model("llama")), "--ablated", str(edited))
+    report = run_evaluate(prompt_files, tmp_path / "out" / "r.json", *models, "--no-chat-template")
+    assert report["settings"]["chat_template"] is False and set(report["models"]) == {"original", "ablated"}
+
+
 @pytest.mark.parametrize("flag", ["--harmful", "--harmless"])
 def test_empty_prompt_file(capsys, tiny_model, prompt_files, tmp_path: Path, flag: str) -> None:
     empty = tmp_path / "empty.txt"
@@ -315,3 +368,15 @@ def test_report_in_a_missing_directory(capsys, tiny_model, prompt_files, tmp_pat
     report = tmp_path / "missing" / "r.json"
     line = _fails(capsys, _arguments(prompt_files, report, "--model", str(tiny_model("llama"))))
     assert line.startswith(f"error: --json {report}: directory ") and "does not exist" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "index cut short", "config.json cut short"])
+def test_damaged_ablated_model_is_named_before_any_scoring(
+    capsys, tiny_model, prompt_files, tmp_path: Path, damage: str
+) -> None:
+    original = tiny_model("llama")
+    ablated, broken = damaged_copy(original, tmp_path / "damaged", damage)
+    argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(ablated))
+    line = _fails(capsys, argv)
+    assert line.startswith(f"error: {broken}: "), line
+    assert not (tmp_path / "r.json").exists()
