@@ -205,7 +205,8 @@ def test_numbers_read_as_written(setup, entry: str, layers: tuple[int, ...], sca
     plan, tmp_path = setup
     (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
     parsed = load_plan(tmp_path / "plan.yml")
-    assert parsed.entries[0].layers == layers and parsed.entries[0].options.scale == scale
+    written_layers = tuple(layer for layer_range in parsed.entries[0].layer_ranges for layer in layer_range)
+    assert written_layers == layers and parsed.entries[0].options.scale == scale
 
 
 def test_yes_is_not_a_boolean(setup, capsys) -> None:
