@@ -141,6 +141,7 @@ class StepProgress(BaseStreamer):
 
 
 def prompts_done_postfix(done: int, total: int, batch_rows: int | None = None) -> str:
+    """The bar's postfix: the prompts whose replies are done, and the size of the batch in progress."""
     batch = f", batch of {batch_rows}" if batch_rows is not None else ""
     return f"{done}/{total} prompts done{batch}"
 
@@ -189,7 +190,9 @@ def generate_replies(
             try:
                 with FirstForwardLogits(model) as first:
                     sequences = model.generate(
-                        **batch.model_inputs(), generation_config=config, streamer=steps
+                        **batch.model_inputs(),
+                        generation_config=config,
+                        streamer=steps,
                     )
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
