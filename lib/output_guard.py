@@ -66,14 +66,15 @@ def check_free_space(output: Path, needed_bytes: int, flag: str = "output") -> N
     parent = output.absolute().resolve().parent
     free = shutil.disk_usage(parent).free
     if needed_bytes + _FREE_SPACE_MARGIN_BYTES > free:
-        margin = _gigabytes(_FREE_SPACE_MARGIN_BYTES)
-        raise UserError(f"{flag} {output}: needs {_gigabytes(needed_bytes)} plus a {margin} safety margin "
-                        f"but only {_gigabytes(free)} is free on the filesystem of {parent}; "
+        margin = _readable_size(_FREE_SPACE_MARGIN_BYTES)
+        raise UserError(f"{flag} {output}: needs {_readable_size(needed_bytes)} plus a {margin} safety margin "
+                        f"but only {_readable_size(free)} is free on the filesystem of {parent}; "
                         "free some space or choose another output")
 
 
-def _gigabytes(count: int) -> str:
-    return f"{count / 1e9:.2f} GB"
+def _readable_size(count: int) -> str:
+    """In GB from 1 GB on, else in MB, so that a small output never reads "needs 0.00 GB"."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
 
 
 def lock_path(output: Path) -> Path:

@@ -129,7 +129,7 @@ def test_a_second_concurrent_run_is_refused_and_a_stale_lock_is_taken_over(tiny_
 
 
 def test_free_space_is_checked_before_writing(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"needs 1000000000.00 GB plus a 0.07 GB safety margin but only"):
+    with pytest.raises(UserError, match=r"needs 1000000000.00 GB plus a 67.1 MB safety margin but only"):
         check_free_space(tmp_path / "out", 10**18)
     check_free_space(tmp_path / "out", 1)
 
