@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lib.errors import UserError
+from lib.errors import UserError, writing
 
 _STAGING = "partial"
 _RETIRED = "replaced"
@@ -43,14 +43,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on failure delete it.
 
     The rename is atomic on one filesystem, so a reader never sees a half-written file and a
-    crash never leaves anything under the final name.
+    crash never leaves anything under the final name. An OSError that names no file (a full disk,
+    say) is made to name `path`.
     """
     path = Path(path)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent)
+    with writing(path):
+        handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                                  dir=path.absolute().parent)
     os.close(handle)
     temporary = Path(temporary_name)
     try:
-        yield temporary
+        with writing(path):
+            yield temporary
         os.chmod(temporary, _creation_mode(0o666))
         _sync(temporary)
         os.replace(temporary, path)

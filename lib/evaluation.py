@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from lib import __version__
 from lib.atomic import atomic_file
 from lib.divergence import DivergenceSummary, kl_divergence
-from lib.errors import UserError, writing
+from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
 from lib.loading import ModelLoadOptions, load_config, load_model, quantization_description, text_config
 from lib.prompts import file_sha256
@@ -258,7 +258,7 @@ def _model_report(scores: ModelScores) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    with writing(path), atomic_file(path) as temporary:
+    with atomic_file(path) as temporary:
         temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

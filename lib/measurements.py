@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lib.atomic import atomic_file
-from lib.errors import UserError, writing
+from lib.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def estimated_file_bytes(num_layers: int, hidden_size: int) -> int:
 
 def save_measurements(measurements: Measurements, path: Path) -> None:
     """Write atomically: the file appears under `path` only when complete."""
-    with writing(path), atomic_file(Path(path)) as temporary, open(temporary, "wb") as handle:
+    with atomic_file(Path(path)) as temporary, open(temporary, "wb") as handle:
         # Into a Python file object: a full disk then raises OSError (ENOSPC) rather than a RuntimeError
         # of torch's own writer that does not say why.
         torch.save(measurement_dict(measurements), handle)
