@@ -1,6 +1,7 @@
 """Chat with a model in the terminal, replies streamed as they are generated; or answer one --prompt.
 
-The conversation's history goes through the model's chat template for every reply. Commands:
+The conversation's history goes through the model's chat template for every reply (with
+--no-chat-template it is sent as raw text, for models without a template). Commands:
 /clear, /system TEXT, /exit (see lib/chat_session.py). Decoding is greedy unless --temperature
 is above 0. See docs/evaluate.md.
 """
@@ -14,7 +15,7 @@ from typing import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib.arguments import non_negative_float, positive_integer, probability
-from lib.chat_format import require_chat_template, tokenize_conversation
+from lib.chat_format import add_no_chat_template_argument, require_chat_template, tokenize_conversation
 from lib.chat_session import HELP_TEXT, Action, Conversation, parse_line
 from lib.errors import UserError, run_cli, warn
 from lib.generation import DecodingSettings, stream_reply
@@ -22,6 +23,7 @@ from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_mode
 from lib.model_files import resolve_model_directory
 
 PROMPT = "> "
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-new-tokens",
         type=positive_integer,
-        default=512,
+        default=None,
         metavar="N",
-        help="longest reply in tokens (default: 512)",
+        help=f"longest reply in tokens (default: {DEFAULT_MAX_NEW_TOKENS}, or half the model's positions "
+        "where that is less)",
     )
     parser.add_argument(
         "--temperature",
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="when sampling, draw only from the most likely tokens whose probabilities add up to P "
         "(default: 1.0, all tokens)",
     )
+    add_no_chat_template_argument(parser)
     add_model_loading_arguments(parser, quantization_flags=("--quant",))
     return parser
 
@@ -83,14 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
     tokenizer = load_tokenizer(model_directory, label)
-    require_chat_template(tokenizer, label)
-    conversation = Conversation(system_prompt=arguments.system)
-    tokenize_conversation(tokenizer, conversation.messages("hello"))  # a template may reject --system
+    use_chat_template = not arguments.no_chat_template
+    if use_chat_template:
+        require_chat_template(tokenizer, label)
+    conversation = Conversation(system_prompt=arguments.system, use_chat_template=use_chat_template)
+    conversation_token_ids(tokenizer, conversation, "hello")  # a template may reject --system
     model = load_model(model_directory, ModelLoadOptions.from_arguments(arguments), label)
-    settings = DecodingSettings(arguments.max_new_tokens, arguments.temperature, arguments.top_p)
+    max_new_tokens = arguments.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(model_positions(model))
+    settings = DecodingSettings(max_new_tokens, arguments.temperature, arguments.top_p)
 
     if arguments.prompt is not None:
-        reply(model, tokenizer, conversation, arguments.prompt, settings)
+        reply(model, tokenizer, conversation, arguments.prompt, settings, interactive=False)
         return 0
     import readline  # noqa: F401  (imported for its effect: line editing and history in input())
 
@@ -120,7 +129,7 @@ def chat_loop(
             return
         if typed.action is Action.SEND:
             try:
-                reply(model, tokenizer, conversation, typed.text, settings)
+                reply(model, tokenizer, conversation, typed.text, settings, interactive=True)
             except KeyboardInterrupt:
                 print("\n(reply stopped; it is not kept in the conversation)")
         elif typed.action is Action.CLEAR:
@@ -134,22 +143,52 @@ def chat_loop(
             print(f"unknown command {typed.text}; {HELP_TEXT}")
 
 
+def model_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence (prompt and reply) the model was built for, where its config says."""
+    return getattr(text_config(model.config), "max_position_embeddings", None)
+
+
+def default_max_new_tokens(positions: int | None) -> int:
+    """The default reply length, at most half the model's positions so that a conversation fits too
+    (the demo model has 512 positions)."""
+    if positions is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, positions // 2))
+
+
 def reply(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     conversation: Conversation,
     message: str,
     settings: DecodingSettings,
+    interactive: bool,
 ) -> None:
     """Stream the model's reply to `message` and add the exchange to the conversation."""
-    token_ids = tokenize_conversation(tokenizer, conversation.messages(message))
-    positions = getattr(text_config(model.config), "max_position_embeddings", None)
-    if positions is not None and len(token_ids) + settings.max_new_tokens > positions:
-        warn(
-            f"the conversation is {len(token_ids)} tokens long; with --max-new-tokens "
-            f"{settings.max_new_tokens} it exceeds the model's {positions} positions (/clear starts over)"
-        )
+    token_ids = conversation_token_ids(tokenizer, conversation, message)
+    positions = model_positions(model)
+    warn_once_past_positions(conversation, len(token_ids), settings.max_new_tokens, positions, interactive)
     conversation.add_exchange(message, stream_reply(model, tokenizer, token_ids, settings))
+
+
+def warn_once_past_positions(
+    conversation: Conversation,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    positions: int | None,
+    interactive: bool,
+) -> None:
+    """Warn when a full-length reply would run past the model's positions, once until /clear: the
+    conversation only grows, so every later message would warn again."""
+    if positions is None or prompt_tokens + max_new_tokens <= positions or conversation.length_warned:
+        return
+    conversation.length_warned = True
+    subject = "the conversation" if interactive else "the prompt"
+    advice = "; /clear starts over (not repeated until then)" if interactive else ""
+    warn(
+        f"{subject} is {prompt_tokens} tokens long: with --max-new-tokens {max_new_tokens} a reply can run "
+        f"past the model's {positions} positions{advice}"
+    )
 
 
 def set_system_prompt(
@@ -158,12 +197,24 @@ def set_system_prompt(
     previous = conversation.system_prompt
     conversation.system_prompt = system_prompt
     try:
-        tokenize_conversation(tokenizer, conversation.messages("hello"), system_flag="/system")
+        conversation_token_ids(tokenizer, conversation, "hello", system_flag="/system")
     except UserError as error:
         conversation.system_prompt = previous
         print(f"(system message not changed: {error})")
         return
     print("(system message removed)" if system_prompt is None else "(system message set)")
+
+
+def conversation_token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+    message: str,
+    system_flag: str = "--system",
+) -> list[int]:
+    """The conversation so far and `message` as the user's next turn, formatted as the conversation asks."""
+    return tokenize_conversation(
+        tokenizer, conversation.messages(message), system_flag, conversation.use_chat_template
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from lib.evaluation import (
     write_report,
 )
 from lib.generation import DecodingSettings
-from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_tokenizer
+from lib.loading import ModelLoadOptions, add_model_loading_arguments, check_weight_files, load_tokenizer
 from lib.model_files import resolve_model_directory
 from lib.prompts import DEFAULT_EVALUATION_HARMFUL_PROMPTS, DEFAULT_EVALUATION_HARMLESS_PROMPTS, load_prompts
 from lib.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
@@ -133,13 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.ablated is not None:
         directory = resolve_model_directory(arguments.ablated, "--ablated")
         sources.append(ModelSource(ABLATED, arguments.ablated, directory, "--ablated"))
+    for source in sources:  # not only when its turn to load comes, after the original has been scored
+        check_weight_files(source.directory)
     tokenizers = [load_tokenizer(source.directory, source.label) for source in sources]
     use_chat_template = not arguments.no_chat_template
     if use_chat_template:
         for source, tokenizer in zip(sources, tokenizers):
             require_chat_template(tokenizer, source.label)
     if len(sources) == 2:
-        check_same_tokens(sources[0], tokenizers[0], sources[1], tokenizers[1])
+        check_same_tokens(sources[0], tokenizers[0], sources[1], tokenizers[1], use_chat_template)
     prompt_sets = [
         PromptSet(
             kind,

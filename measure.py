@@ -20,9 +20,17 @@ from lib.chat_format import (
     tokenize_chat_prompts,
 )
 from lib.errors import run_cli
-from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer
-from lib.measurements import save_measurements
+from lib.loading import (
+    ModelLoadOptions,
+    add_model_loading_arguments,
+    load_config,
+    load_model,
+    load_tokenizer,
+    text_config,
+)
+from lib.measurements import estimated_file_bytes, save_measurements
 from lib.model_files import resolve_model_directory
+from lib.output_guard import check_free_space
 from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts
 from lib.refusal import measurement_meta, refusal_measurements
 from lib.residual_capture import measure_last_token_residuals
@@ -95,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: tokenize_chat_prompts(tokenizer, texts, arguments.system_prompt, use_chat_template)
         for name, texts in prompts.items()
     }
+    check_output_space(arguments.output, model_directory, label)
 
     options = ModelLoadOptions.from_arguments(arguments)
     model = load_model(model_directory, options, label)
@@ -129,6 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def check_output_space(output: Path, model_directory: Path, label: str) -> None:
+    """Stop before the model loads when the measurement file will not fit where it is to be written."""
+    config = text_config(load_config(model_directory, label))
+    check_free_space(output, estimated_file_bytes(config.num_hidden_layers, config.hidden_size), "--output")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ from lib.ablation import (
     write_plan_and_card,
     write_weights,
 )
-from lib.atomic import atomic_directory
+from lib.atomic import atomic_directory, recover_interrupted
 from lib.checkpoint import open_checkpoint
-from lib.errors import UserError, run_cli
+from lib.errors import UserError, run_cli, writing
 from lib.measurements import load_measurements
-from lib.output_guard import check_free_space, check_output_location, output_lock, remove_stale_partials
+from lib.output_guard import check_free_space, check_output_location, output_lock
 from lib.plan import load_plan
 from lib.resolution import resolve
 from lib.safetensors_stream import return_freed_tensors_to_the_system
@@ -47,7 +47,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the plan, print the resolved list of tensor edits and exit without writing")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output directory (only once the new output is complete)")
+                        help="replace an existing output directory, only once the new output is complete, "
+                             "and only a previous output of this tool holding nothing but the files it wrote "
+                             "there; any other directory is refused and left untouched")
     parser.add_argument("--link", action="store_true",
                         help="hard-link shards that need no edit instead of copying them (same filesystem only; "
                              "the linked files are then shared with the input)")
@@ -94,13 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_link_possible(plan.output, checkpoint.directory)
     copied_files, skipped_files = non_weight_files(checkpoint)
     with output_lock(plan.output):
-        check_output_location(plan.output, checkpoint.directory, arguments.overwrite)  # again, now that we hold the lock
-        for stale in remove_stale_partials(plan.output):
-            print(f"removed {stale}, left by an interrupted run")
+        for action in recover_interrupted(plan.output):
+            print(action)
+        # Again, now that we hold the lock and an interrupted replacement may have put an output back.
+        check_output_location(plan.output, checkpoint.directory, arguments.overwrite)
         weight_bytes = sum(shard.nbytes for shard in shards)
         linked_bytes = sum(shard.nbytes for shard in shards if shard.is_unchanged) if arguments.link else 0
         check_free_space(plan.output, weight_bytes - linked_bytes + non_weight_bytes(copied_files))
-        with atomic_directory(plan.output, replace_existing=arguments.overwrite) as staging:
+        with (writing(plan.output),
+              atomic_directory(plan.output, replace_existing=arguments.overwrite) as staging):
             with tqdm(total=weight_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing") as progress:
                 write_weights(shards, staging, arguments.link, device, progress.update)
             write_index(checkpoint, shards, staging)

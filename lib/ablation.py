@@ -39,6 +39,9 @@ from lib.safetensors_stream import (
 
 PLAN_FILE_NAME = "ablation_plan.yml"
 MODEL_CARD_NAME = "README.md"
+TOOL_NAME = "sharded_ablate.py"
+# The plan copy's list of every file the run wrote: --overwrite replaces only an output it fully accounts for.
+OUTPUT_FILES_KEY = "output_files"
 CONFIG_NAME = "config.json"
 # Files and folders that hold weights in other formats: copying them would ship unedited weights.
 _OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -215,7 +218,7 @@ def resolved_plan_document(plan: Plan, checkpoint: Checkpoint, resolution: Resol
     """What was done, explicitly: written beside the weights as ablation_plan.yml."""
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool": "sharded_ablate.py",
+        "tool": TOOL_NAME,
         "plan_file": str(plan.source),
         "model": {"path": str(checkpoint.directory), "given_as": plan.model, "model_type": checkpoint.model_type},
         "measurements": {"path": str(plan.measurements), "sha256": file_sha256(plan.measurements)},
@@ -243,10 +246,37 @@ def edit_record(edit: TensorEdit) -> dict[str, Any]:
 
 def write_plan_and_card(plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path],
                         directory: Path) -> None:
+    """Written last: the plan copy lists every file in `directory`, itself and the model card included."""
     document = resolved_plan_document(plan, checkpoint, resolution, skipped)
+    document[OUTPUT_FILES_KEY] = sorted([*output_entries(directory), PLAN_FILE_NAME, MODEL_CARD_NAME])
     (directory / PLAN_FILE_NAME).write_text(yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False,
                                                       allow_unicode=True, width=120))
     (directory / MODEL_CARD_NAME).write_text(model_card(document, resolution, checkpoint.directory / MODEL_CARD_NAME))
+
+
+def output_entries(directory: Path) -> list[str]:
+    """Every entry under `directory` other than a folder (files, links), as relative POSIX paths."""
+    entries = []
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            entries += [f"{entry.name}/{inner}" for inner in output_entries(Path(entry.path))]
+        else:
+            entries.append(entry.name)
+    return entries
+
+
+def files_written_by_this_tool(directory: Path) -> frozenset[str] | None:
+    """The files a previous run recorded writing into `directory`; None unless its plan copy is ours."""
+    try:
+        document = yaml.safe_load((directory / PLAN_FILE_NAME).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(document, dict) or document.get("tool") != TOOL_NAME:
+        return None
+    files = document.get(OUTPUT_FILES_KEY)
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return frozenset(files)
 
 
 class _ReadableDumper(yaml.SafeDumper):

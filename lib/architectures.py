@@ -2,9 +2,10 @@
 
 One table, `FAMILIES`, keyed by the `model_type` of config.json. For every tensor the ablation may
 edit it records the component it belongs to, whether it writes to the residual stream or reads
-from it, which axis is the residual axis, and which norm gain stands between the tensor and the
-residual stream. Nothing here is inferred from shapes: families exist where hidden size equals
-intermediate size, so orientation must come from the table.
+from it, how many axes it has and which is the residual axis, and which norm gain stands between
+the tensor and the residual stream. Nothing here is inferred from shapes: families exist where
+hidden size equals intermediate size, so orientation must come from the table (the shapes are
+checked against it and config.json when a checkpoint is opened).
 
 Tensor names on disk are `{prefix}layers.{L}.{suffix}`; `suffix` patterns are matched in full and
 the layer index is matched as a whole number, so layer 3 never matches layer 30.
@@ -54,6 +55,7 @@ class TensorRule:
     component: str
     role: Role
     residual_axis: int
+    axes: int  # how many axes the tensor has (a Linear weight 2, its bias 1, fused experts one more)
     is_bias: bool = False
     gain: Gain | None = None
     is_expert: bool = False  # a routed expert's tensor: its presence marks the layer as a MoE layer
@@ -85,14 +87,15 @@ def _linear_writer(
 ) -> tuple[TensorRule, TensorRule]:
     """An `nn.Linear` that writes to the residual stream: its weight and (when present) its bias."""
     return (
-        TensorRule(rf"{module}\.weight", component, Role.WRITER, RESIDUAL_FIRST, gain=gain, is_expert=is_expert),
-        TensorRule(rf"{module}\.bias", component, Role.WRITER, RESIDUAL_LAST, is_bias=True, gain=gain,
+        TensorRule(rf"{module}\.weight", component, Role.WRITER, RESIDUAL_FIRST, 2, gain=gain,
+                   is_expert=is_expert),
+        TensorRule(rf"{module}\.bias", component, Role.WRITER, RESIDUAL_LAST, 1, is_bias=True, gain=gain,
                    is_expert=is_expert),
     )
 
 
 def _router(module: str, gain: Gain) -> TensorRule:
-    return TensorRule(rf"{module}\.weight", ROUTER, Role.READER, RESIDUAL_LAST, gain=gain)
+    return TensorRule(rf"{module}\.weight", ROUTER, Role.READER, RESIDUAL_LAST, 2, gain=gain)
 
 
 _EXPERT = r"(?P<expert>\d+)"
@@ -168,8 +171,8 @@ _GPT_OSS = Family(
     rules=(
         *_ATTENTION,
         # Fused experts [experts, intermediate, hidden] with `out = x @ W[e]`: the residual axis is last.
-        TensorRule(r"mlp\.experts\.down_proj", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, is_expert=True),
-        TensorRule(r"mlp\.experts\.down_proj_bias", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, is_bias=True,
+        TensorRule(r"mlp\.experts\.down_proj", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, 3, is_expert=True),
+        TensorRule(r"mlp\.experts\.down_proj_bias", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, 2, is_bias=True,
                    is_expert=True),
         _router(r"mlp\.router", _PRE_MLP_NORM),
     ),

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from lib.atomic import atomic_file
+from lib.errors import writing
 from lib.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, best_layers
 from lib.signal_metrics import SignalReport
 
@@ -272,7 +273,7 @@ def save_chart(report: SignalReport, suggestion: PlanSuggestion | None, title: s
     figure = Figure(figsize=FIGURE_INCHES, dpi=DOTS_PER_INCH, layout="constrained")
     FigureCanvasAgg(figure)
     draw_analysis(figure, report, suggestion, title)
-    with atomic_file(path) as temporary:
+    with writing(path), atomic_file(path) as temporary:
         figure.savefig(temporary, format="png", dpi=DOTS_PER_INCH)
 
 

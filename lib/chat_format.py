@@ -22,6 +22,16 @@ from lib.errors import UserError
 NO_CHAT_TEMPLATE_FLAG = "--no-chat-template"
 
 
+def add_no_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+    """`--no-chat-template` (dest `no_chat_template`), the same in measure.py, evaluate.py and chat.py."""
+    parser.add_argument(
+        NO_CHAT_TEMPLATE_FLAG,
+        action="store_true",
+        help="tokenise the raw text instead of formatting it with the model's chat template (system message "
+        "and turns joined by blank lines); needed for a model without a chat template",
+    )
+
+
 def add_prompt_set_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that shape how prompt files become model inputs, shared by measure and evaluate."""
     parser.add_argument(
@@ -34,11 +44,7 @@ def add_prompt_set_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
     )
-    parser.add_argument(
-        NO_CHAT_TEMPLATE_FLAG,
-        action="store_true",
-        help="tokenise the raw prompts instead of formatting them with the model's chat template",
-    )
+    add_no_chat_template_argument(parser)
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -98,20 +104,31 @@ def tokenize_chat_prompts(
     tokenizer's own special tokens, and `system_prompt`, if any, is prepended as plain text.
     """
     if not use_chat_template:
-        texts = [prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}" for prompt in prompts]
+        texts = [raw_text(chat_messages(prompt, system_prompt)) for prompt in prompts]
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     texts = render_chat_prompts(tokenizer, prompts, system_prompt)
     prefix = bos_prefix(tokenizer)
     return [_with_one_bos(ids, prefix) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def raw_text(messages: Sequence[dict[str, str]]) -> str:
+    """Messages without a chat template: their contents, separated by blank lines."""
+    return "\n\n".join(message["content"] for message in messages)
+
+
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], system_flag: str = "--system"
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    system_flag: str = "--system",
+    use_chat_template: bool = True,
 ) -> list[int]:
     """Token ids of a whole multi-turn conversation awaiting the assistant's next reply, one leading BOS.
 
     `system_flag` names the flag that set the system message, for a template that rejects it.
+    Without the chat template the raw text of the messages is tokenised as `tokenize_chat_prompts` does.
     """
+    if not use_chat_template:
+        return list(tokenizer(raw_text(messages), add_special_tokens=True)["input_ids"])
     require_chat_template(tokenizer, "--model")
     try:
         text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

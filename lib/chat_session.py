@@ -66,6 +66,9 @@ class Conversation:
 
     system_prompt: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    use_chat_template: bool = True  # False: the messages are sent as raw text (--no-chat-template)
+    # Whether the user was told the conversation outgrows the model's positions: once until /clear.
+    length_warned: bool = False
 
     def messages(self, next_message: str | None = None) -> list[dict[str, str]]:
         """Every message so far, then `next_message` as the user's new turn if given."""
@@ -78,6 +81,7 @@ class Conversation:
 
     def clear(self) -> None:
         self.turns.clear()
+        self.length_warned = False
 
     @property
     def exchanges(self) -> int:

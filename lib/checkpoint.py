@@ -6,18 +6,26 @@ pair, already in the orientation of the BF16 checkpoints.
 """
 from __future__ import annotations
 
-import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
 from lib import mxfp4
-from lib.architectures import SUPPORTED_MODEL_TYPES, Family, Layout, family_for
+from lib.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    Family,
+    Layout,
+    TensorRule,
+    family_for,
+    layer_tensor_pattern,
+)
 from lib.errors import UserError
-from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, resolve_model_directory
+from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, read_index, resolve_model_directory
 from lib.safetensors_stream import (
     DTYPE_NAMES,
     ELEMENT_SIZES,
@@ -50,6 +58,17 @@ class PackedTensor:
 
 
 LogicalTensor = Union[StoredTensor, PackedTensor]
+# A shape as config.json determines it: per axis the config key and its size, or None where any size fits.
+ExpectedShape = tuple[Union[tuple[str, int], None], ...]
+
+
+@dataclass(frozen=True)
+class TensorMatch:
+    """A decoder-layer tensor the family's table explains."""
+
+    rule: TensorRule
+    name: str
+    expert: int | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,21 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return load_tensor(self.tensors[name])
 
+    @cached_property
+    def layer_matches(self) -> dict[int, list[TensorMatch]]:
+        """Every tensor a rule of the family matches, by decoder layer."""
+        prefix = self.layout.model_prefix
+        patterns = [(rule, layer_tensor_pattern(prefix, rule)) for rule in self.family.rules]
+        matches: dict[int, list[TensorMatch]] = defaultdict(list)
+        for name in self.tensors:
+            for rule, pattern in patterns:
+                found = pattern.fullmatch(name)
+                if found:
+                    expert = found.groupdict().get("expert")
+                    match = TensorMatch(rule, name, int(expert) if expert is not None else None)
+                    matches[int(found["layer"])].append(match)
+        return matches
+
 
 def load_tensor(tensor: LogicalTensor) -> torch.Tensor:
     """A private, writable copy of one tensor; packed MXFP4 tensors come dequantised."""
@@ -128,15 +162,63 @@ def open_checkpoint(model: str | Path, flag: str = "model") -> Checkpoint:
     num_layers, hidden_size = text_config.get("num_hidden_layers"), text_config.get("hidden_size")
     if not isinstance(num_layers, int) or not isinstance(hidden_size, int):
         raise UserError(f"{directory / 'config.json'}: needs integer num_hidden_layers and hidden_size")
-    return Checkpoint(directory, config, model_type, family, layout, num_layers, hidden_size, shards, is_sharded,
-                      index_metadata)
+    checkpoint = Checkpoint(directory, config, model_type, family, layout, num_layers, hidden_size, shards,
+                            is_sharded, index_metadata)
+    _check_shapes(checkpoint)
+    return checkpoint
+
+
+def _check_shapes(checkpoint: Checkpoint) -> None:
+    """Every tensor whose shape follows from config.json must have it, before anything is edited or written.
+
+    Above all the residual axis: a projection along a mislabelled or foreign tensor would edit the
+    wrong numbers rather than fail.
+    """
+    expected = _expected_shapes(checkpoint)
+    mismatches = [
+        f"{shard.path}: tensor {tensor.name} has shape {list(tensor.shape)}, "
+        f"but config.json implies {_shape_text(expected[tensor.name])}"
+        for shard in checkpoint.shards for tensor in shard.tensors
+        if tensor.name in expected and not _fits(tensor.shape, expected[tensor.name])
+    ]
+    if mismatches:
+        others = f" (and {len(mismatches) - 1} more tensors)" if len(mismatches) > 1 else ""
+        raise UserError(f"{mismatches[0]}{others}; the weights do not match the model's config")
+
+
+def _expected_shapes(checkpoint: Checkpoint) -> dict[str, ExpectedShape]:
+    """The residual axis of every tensor the table explains, the norm gains they pass through, and
+    the embedding and output head ([vocab_size, hidden_size])."""
+    hidden = ("hidden_size", checkpoint.hidden_size)
+    prefix = checkpoint.layout.model_prefix
+    expected: dict[str, ExpectedShape] = {}
+    for layer, matches in checkpoint.layer_matches.items():
+        for match in matches:
+            axes: list[tuple[str, int] | None] = [None] * match.rule.axes
+            axes[match.rule.residual_axis] = hidden
+            expected[match.name] = tuple(axes)
+            if match.rule.gain is not None:
+                expected[f"{prefix}layers.{layer}.{match.rule.gain.norm}"] = (hidden,)
+    vocab_size = checkpoint.text_config.get("vocab_size")
+    vocab = ("vocab_size", vocab_size) if isinstance(vocab_size, int) else None
+    for name in (checkpoint.embedding_name, checkpoint.layout.lm_head):
+        expected[name] = (vocab, hidden)
+    return expected
+
+
+def _fits(shape: tuple[int, ...], expected: ExpectedShape) -> bool:
+    return len(shape) == len(expected) and all(axis is None or size == axis[1]
+                                               for size, axis in zip(shape, expected))
+
+
+def _shape_text(expected: ExpectedShape) -> str:
+    return "[" + ", ".join("any" if axis is None else f"{axis[0]}={axis[1]}" for axis in expected) + "]"
 
 
 def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool, dict[str, Any]]:
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index.get("weight_map", {})
+        weight_map, index_metadata = read_index(index_path)
         stored_by_file = {}
         for file_name in dict.fromkeys(weight_map.values()):
             if not (directory / file_name).is_file():
@@ -145,7 +227,7 @@ def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool,
         for name, file_name in weight_map.items():
             if name not in {tensor.name for tensor in stored_by_file[file_name].tensors}:
                 raise UserError(f"{index_path}: maps {name} to {file_name}, which does not contain it")
-        return stored_by_file, True, index.get("metadata", {})
+        return stored_by_file, True, index_metadata
     if (directory / SINGLE_FILE_NAME).is_file():
         return {SINGLE_FILE_NAME: read_header(directory / SINGLE_FILE_NAME)}, False, {}
     raise UserError(f"{directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")

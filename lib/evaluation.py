@@ -5,9 +5,11 @@ log-probabilities on the harmless prompts (prompts × vocabulary float64 values,
 are computed, it is released, and only then is the edited model loaded. Peak memory is that of
 the larger model, not of both.
 
-Before any weights are read, the two tokenizers are compared (vocabulary, special tokens, chat
-template) together with the configs' vocabulary sizes: a KL divergence over token distributions
-only means something when both models share the same tokens and see the same formatted prompts.
+Before any weights are read, the two tokenizers are compared (lib/tokenizer_comparison.py: vocabulary,
+special tokens, how a fixed sample encodes and decodes, and the chat template where one is used)
+together with the configs' vocabulary sizes: a KL divergence over token distributions only means
+something when both models share the same tokens and see the same formatted prompts, and refusal
+rates only when both models' replies are decoded the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from transformers import PreTrainedTokenizerBase
 from lib import __version__
 from lib.atomic import atomic_file
 from lib.divergence import DivergenceSummary, kl_divergence
-from lib.errors import UserError
+from lib.errors import UserError, writing
 from lib.generation import DecodingSettings, generate_replies
 from lib.loading import ModelLoadOptions, load_config, load_model, quantization_description, text_config
 from lib.prompts import file_sha256
 from lib.refusal_markers import RefusalDetector, RefusalVerdict
+from lib.tokenizer_comparison import tokenizer_differences
 
 HARMFUL = "harmful"
 HARMLESS = "harmless"
@@ -100,21 +103,11 @@ def check_same_tokens(
     original_tokenizer: PreTrainedTokenizerBase,
     edited: ModelSource,
     edited_tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool = True,
 ) -> None:
-    """Stop when the edited model does not share the original's tokens, template or vocabulary size."""
-    differences = []
-    original_vocabulary, edited_vocabulary = original_tokenizer.get_vocab(), edited_tokenizer.get_vocab()
-    if original_vocabulary != edited_vocabulary:
-        differing = len(set(original_vocabulary.items()) ^ set(edited_vocabulary.items()))
-        differences.append(
-            f"vocabulary ({len(original_vocabulary)} vs {len(edited_vocabulary)} tokens, "
-            f"{differing} entries differ)"
-        )
-    for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(original_tokenizer, special) != getattr(edited_tokenizer, special):
-            differences.append(special)
-    if getattr(original_tokenizer, "chat_template", None) != getattr(edited_tokenizer, "chat_template", None):
-        differences.append("chat template")
+    """Stop when the edited model does not encode and decode as the original does, has another vocabulary
+    size, or (where prompts are chat-formatted) another chat template."""
+    differences = tokenizer_differences(original_tokenizer, edited_tokenizer, use_chat_template)
     original_size = _output_vocabulary_size(original)
     edited_size = _output_vocabulary_size(edited)
     if original_size != edited_size:
@@ -122,7 +115,7 @@ def check_same_tokens(
     if differences:
         raise UserError(
             f"{edited.label}: tokenizer does not match {original.label}'s (differs in: "
-            f"{', '.join(differences)}); the comparison needs the same tokens and prompt format"
+            f"{'; '.join(differences)}); the comparison needs the same tokens and prompt format"
         )
 
 
@@ -265,7 +258,7 @@ def _model_report(scores: ModelScores) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    with atomic_file(path) as temporary:
+    with writing(path), atomic_file(path) as temporary:
         temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -14,7 +14,6 @@ from a second pass.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -114,25 +113,43 @@ def first_token_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 class StepProgress(BaseStreamer):
-    """Shows the decoding step of the batch in progress on its progress bar, so that a long batch
-    visibly advances (generate() hands over the prompts once, then every new token)."""
+    """Advance a progress bar counted in decoding steps times rows, so that it moves (and tqdm can show an
+    ETA) within a batch, even when one batch holds every prompt.
 
-    REFRESH_SECONDS = 0.5
+    generate() hands over the prompts once, then the new tokens of every decoding step: each step
+    advances the bar by the batch's rows. A batch whose rows all ended early adds its remaining
+    steps at its end(), so that every batch advances the bar by rows x max_new_tokens in all.
+    """
 
-    def __init__(self, progress: tqdm, batch_size: int, max_new_tokens: int) -> None:
+    def __init__(self, progress: tqdm, rows: int, max_new_tokens: int) -> None:
         self.progress = progress
-        self.description = f"batch of {batch_size}, token {{}}/{max_new_tokens}"
-        self.calls = 0
-        self.last_refresh = time.monotonic()
+        self.rows = rows
+        self.max_new_tokens = max_new_tokens
+        self.prompts_seen = False
+        self.steps_shown = 0
 
     def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls > 1 and time.monotonic() - self.last_refresh >= self.REFRESH_SECONDS:
-            self.progress.set_postfix_str(self.description.format(self.calls - 1))
-            self.last_refresh = time.monotonic()
+        if not self.prompts_seen:
+            self.prompts_seen = True
+        elif self.steps_shown < self.max_new_tokens:
+            self._advance(1)
 
     def end(self) -> None:
-        pass
+        self._advance(self.max_new_tokens - self.steps_shown)
+
+    def withdraw(self) -> None:
+        """Take back what a batch that was abandoned (out of memory) advanced the bar by."""
+        self._advance(-self.steps_shown)
+
+    def _advance(self, steps: int) -> None:
+        self.steps_shown += steps
+        self.progress.update(steps * self.rows)
+
+
+def prompts_done_postfix(done: int, total: int, batch_rows: int | None = None) -> str:
+    """The bar's postfix: the prompts whose replies are done, and the size of the batch in progress."""
+    batch = f", batch of {batch_rows}" if batch_rows is not None else ""
+    return f"{done}/{total} prompts done{batch}"
 
 
 @dataclass(frozen=True)
@@ -168,24 +185,28 @@ def generate_replies(
     replies: dict[int, str] = {}
     token_ids: dict[int, list[int]] = {}
     log_probabilities: dict[int, torch.Tensor] = {}
+    total_steps = len(order) * settings.max_new_tokens
     with (
         torch.inference_mode(),
-        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+        tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True) as progress,
     ):
         start = 0
         while start < len(order):
             indices = order[start : start + sizer.size]
+            progress.set_postfix_str(prompts_done_postfix(start, len(order), len(indices)), refresh=False)
             batch = left_pad([token_id_lists[index] for index in indices], config.pad_token_id).to(device)
+            steps = StepProgress(progress, len(indices), settings.max_new_tokens)
             try:
                 with FirstForwardLogits(model) as first:
                     sequences = model.generate(
                         **batch.model_inputs(),
                         generation_config=config,
-                        streamer=StepProgress(progress, len(indices), settings.max_new_tokens),
+                        streamer=steps,
                     )
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
                     raise
+                steps.withdraw()
                 sizer.shrink_after_out_of_memory()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # hand the failed batch's cached blocks back before retrying
@@ -199,7 +220,7 @@ def generate_replies(
                 batch_log_probabilities = first_token_log_probabilities(first.captured())
                 log_probabilities.update(zip(indices, batch_log_probabilities))
             start += len(indices)
-            progress.update(len(indices))
+        progress.set_postfix_str(prompts_done_postfix(start, len(order)))
     in_order = range(len(order))
     return GeneratedReplies(
         [replies[index] for index in in_order],

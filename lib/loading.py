@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -41,7 +42,15 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lib.errors import UserError, warn
-from lib.model_files import checkpoint_bytes, read_config, resolve_model_directory
+from lib.model_files import (
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    checkpoint_bytes,
+    read_config,
+    resolve_model_directory,
+    weight_files,
+)
+from lib.safetensors_stream import read_header
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,  # the checkpoint's own dtype (config.json), float32 when it names none
@@ -176,6 +185,7 @@ def load_model(model_directory: Path, options: ModelLoadOptions, label: str) -> 
             f"ignoring {options.quantization_flag} {quantization}"
         )
         quantization = None
+    check_weight_files(model_directory)
     check_memory(model_directory, config, dtype, quantization, checkpoint_method, options, label)
     keyword_arguments: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
     if quantization:
@@ -205,8 +215,17 @@ def _from_pretrained(
         keyword_arguments = {**keyword_arguments, "attn_implementation": attention}
     try:
         return model_class.from_pretrained(model_directory, **keyword_arguments)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise UserError(f"{label}: cannot load the weights ({_first_line(error)})") from None
+
+
+def check_weight_files(model_directory: Path) -> None:
+    """Read the index and every shard's header before transformers does: its errors about a broken index
+    or a corrupt shard (`SafetensorError: Error while deserializing header: ...`) do not name the file."""
+    if not any((model_directory / name).is_file() for name in (INDEX_NAME, SINGLE_FILE_NAME)):
+        return  # weights in another format (PyTorch .bin): transformers checks those itself
+    for path in weight_files(model_directory):
+        read_header(path)
 
 
 def _model_class(config: PretrainedConfig, label: str) -> type:

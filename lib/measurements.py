@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from lib.atomic import atomic_file
-from lib.errors import UserError
+from lib.errors import UserError, writing
 
 
 @dataclass(frozen=True)
@@ -90,34 +91,70 @@ def measurement_dict(measurements: Measurements) -> dict[str, Any]:
     return flat
 
 
+# What torch.load(weights_only=True) says it refused, inside a long message that suggests unsafe loading.
+_REFUSED_BY_SAFE_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Per residual layer: both means, the raw and the unit refusal vector, both variances (SPEC §2).
+VECTORS_PER_LAYER = 6
+# Beyond the float32 vectors: torch.save's zip entry, alignment and pickle record per tensor (a few
+# hundred bytes), and the meta record, generously rounded up.
+_BYTES_PER_VECTOR_RECORD = 1024
+_META_BYTES = 64 << 10
+
+
+def estimated_file_bytes(num_layers: int, hidden_size: int) -> int:
+    """At least the size of the file `save_measurements` writes for a model of this shape."""
+    vectors = VECTORS_PER_LAYER * (num_layers + 1)
+    return vectors * (4 * hidden_size + _BYTES_PER_VECTOR_RECORD) + _META_BYTES
+
+
 def save_measurements(measurements: Measurements, path: Path) -> None:
     """Write atomically: the file appears under `path` only when complete."""
-    with atomic_file(Path(path)) as temporary:
-        torch.save(measurement_dict(measurements), temporary)
+    with writing(path), atomic_file(Path(path)) as temporary, open(temporary, "wb") as handle:
+        # Into a Python file object: a full disk then raises OSError (ENOSPC) rather than a RuntimeError
+        # of torch's own writer that does not say why.
+        torch.save(measurement_dict(measurements), handle)
 
 
 def load_measurements(path: Path) -> Measurements:
     """Read and validate a measurement file; every problem is a one-line UserError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: measurement file not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (expected a .pt measurement file)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # noqa: BLE001 - arbitrary bytes make the unpickler raise anything
         raise UserError(
-            f"{path}: not a measurement file (expected a torch.save'd dict of plain tensors: {first_line})"
+            f"{path}: not a measurement file "
+            f"(expected a torch.save'd dict of plain tensors; {_load_failure(error)})"
         ) from None
     return parse_measurements(raw, path)
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in one line: its own messages span many lines or say only `KeyError: 101`."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot read it: {error.strerror}"
+    refused = _REFUSED_BY_SAFE_UNPICKLER.search(str(error))
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return f"the safe loader refused it: {refused[1].strip()}"
+    text = str(error).strip()
+    return f"torch.load failed: {type(error).__name__}" + (f": {text.splitlines()[0]}" if text else "")
 
 
 def parse_measurements(raw: Any, path: Path) -> Measurements:
     if not isinstance(raw, dict) or "layers" not in raw:
         raise UserError(f"{path}: not a measurement file (expected a dict with a 'layers' key)")
+    odd_keys = [key for key in raw if not isinstance(key, str)]
+    if odd_keys:
+        raise UserError(f"{path}: not a measurement file (key {odd_keys[0]!r} is not a string)")
     num_layers = raw["layers"]
-    if isinstance(num_layers, torch.Tensor) and num_layers.numel() == 1:
+    is_integer_tensor = isinstance(num_layers, torch.Tensor) and num_layers.dtype in _INTEGER_DTYPES
+    if is_integer_tensor and num_layers.numel() == 1:
         num_layers = int(num_layers.item())
-    if not isinstance(num_layers, int) or num_layers < 1:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise UserError(f"{path}: key 'layers' must be a positive integer, got {num_layers!r}")
     layer_indices = sorted(
         {int(key.rsplit("_", 1)[1]) for key in raw if key.startswith(("refuse_", "refusenorm_", "harmful_"))
@@ -162,6 +199,8 @@ def _vector(raw: dict[str, Any], key: str, path: Path, required: bool) -> torch.
         return None
     if not isinstance(value, torch.Tensor):
         raise UserError(f"{path}: key '{key}' must be a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise UserError(f"{path}: key '{key}' must be a floating-point tensor, got {value.dtype}")
     vector = value.detach().to(torch.float32).flatten()
     if not torch.isfinite(vector).all():
         raise UserError(f"{path}: key '{key}' contains NaN or infinite values")

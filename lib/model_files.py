@@ -14,6 +14,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from lib.errors import UserError
 
+CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 
@@ -22,8 +23,9 @@ def resolve_model_directory(name_or_path: str | Path, flag: str = "--model") -> 
     """Return the directory holding `config.json` for a local path or a cached hub id."""
     candidate = Path(name_or_path).expanduser()
     if candidate.is_dir():
-        if not (candidate / "config.json").is_file():
+        if not (candidate / CONFIG_NAME).is_file():
             raise UserError(f"{flag} {name_or_path}: directory has no config.json (not a Hugging Face model)")
+        read_config(candidate)  # a broken config.json is named here, before a loader stumbles over it
         return candidate
     if candidate.exists():
         raise UserError(f"{flag} {name_or_path}: is a file, expected a model directory or a cached hub id")
@@ -39,21 +41,50 @@ def resolve_model_directory(name_or_path: str | Path, flag: str = "--model") -> 
             f"{flag} {name_or_path}: neither a local directory nor a hub id in the local cache "
             "(download it first, e.g. `hf download ORG/NAME`, or pass a directory)"
         ) from None
-    if not (snapshot / "config.json").is_file():
+    if not (snapshot / CONFIG_NAME).is_file():
         raise UserError(f"{flag} {name_or_path}: cached snapshot {snapshot} has no config.json")
+    read_config(snapshot)
     return snapshot
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object stored in `path`; anything else is a UserError naming the file and the problem."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        position = f"line {error.lineno} column {error.colno}"
+        raise UserError(f"{path}: invalid JSON ({error.msg} at {position})") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(document).__name__}")
+    return document
+
+
 def read_config(model_directory: Path) -> dict[str, Any]:
-    return json.loads((model_directory / "config.json").read_text())
+    return read_json_object(model_directory / CONFIG_NAME)
+
+
+def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """A sharded checkpoint's index: its `weight_map` (tensor name -> shard file name) and its `metadata`."""
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise UserError(f"{index_path}: 'weight_map' must be an object mapping tensor names to file names")
+    metadata = index.get("metadata", {})
+    return weight_map, metadata if isinstance(metadata, dict) else {}
 
 
 def weight_files(model_directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint, sharded (index) or single-file, in index order."""
     index_path = model_directory / INDEX_NAME
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        return [model_directory / name for name in dict.fromkeys(weight_map.values())]
+        weight_map, _ = read_index(index_path)
+        files = [model_directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = next((path for path in files if not path.is_file()), None)
+        if missing is not None:
+            raise UserError(f"{index_path}: lists {missing.name}, which is missing")
+        return files
     single = model_directory / SINGLE_FILE_NAME
     if single.is_file():
         return [single]

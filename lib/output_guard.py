@@ -1,11 +1,13 @@
 """Safety around the output directory (SPEC §5), checked before anything is written.
 
 * The output may not be the input, lie inside it, or (with --overwrite) contain it.
-* An existing output is refused unless --overwrite; it is then replaced only once the new one is complete.
+* An existing output is refused unless --overwrite; it is then replaced only once the new one is complete,
+  and only if it is a previous output of this tool holding nothing but the files that run wrote, so that
+  nothing a user owns is ever deleted.
 * Enough free disk space must be there before the first byte is written.
 * One run per output at a time: a lock file beside the output, held with `flock`, which the kernel
   releases when the process dies however it dies, so a lock left by a killed run is recognised as
-  stale and taken over. Temporary directories left by killed runs are removed under that lock.
+  stale and taken over. Under that lock, lib.atomic.recover_interrupted cleans up after killed runs.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from lib.ablation import PLAN_FILE_NAME, TOOL_NAME, files_written_by_this_tool, output_entries
 from lib.errors import UserError
 
 _FREE_SPACE_MARGIN_BYTES = 64 << 20  # headroom for the filesystem's own bookkeeping
@@ -38,16 +41,35 @@ def check_output_location(output: Path, input_directory: Path, overwrite: bool, 
     if output_path.exists() or output_path.is_symlink():
         if not overwrite:
             raise UserError(f"{flag} {output}: already exists; pass --overwrite to replace it once the new output is complete")
-        if not output_path.is_dir() or output_path.is_symlink():
+        if not output_path.is_dir() or output.is_symlink():  # output_path is resolved: ask the name given
             raise UserError(f"{flag} {output}: exists and is not a directory; --overwrite only replaces a directory")
+        _check_replaceable(output, flag)
+
+
+def _check_replaceable(output: Path, flag: str = "output") -> None:
+    """--overwrite deletes the old output: allow it only for one this tool wrote, with nothing added since."""
+    written = files_written_by_this_tool(output)
+    if written is None:
+        reason = (f"no {PLAN_FILE_NAME}" if not (output / PLAN_FILE_NAME).exists()
+                  else f"its {PLAN_FILE_NAME} does not list the files {TOOL_NAME} wrote there")
+        raise UserError(f"{flag} {output}: exists and was not written by {TOOL_NAME} ({reason}); "
+                        "--overwrite only replaces a previous output of this tool, "
+                        "choose another output or remove it yourself")
+    added = sorted(set(output_entries(output)) - written)
+    if added:
+        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise UserError(f"{flag} {output}: holds files {TOOL_NAME} did not write ({shown}); "
+                        "--overwrite would delete them, move them out or choose another output")
 
 
 def check_free_space(output: Path, needed_bytes: int, flag: str = "output") -> None:
     parent = output.absolute().resolve().parent
     free = shutil.disk_usage(parent).free
     if needed_bytes + _FREE_SPACE_MARGIN_BYTES > free:
-        raise UserError(f"{flag} {output}: needs {_gigabytes(needed_bytes)} but only {_gigabytes(free)} is free on "
-                        f"the filesystem of {parent}; free some space or choose another output")
+        margin = _gigabytes(_FREE_SPACE_MARGIN_BYTES)
+        raise UserError(f"{flag} {output}: needs {_gigabytes(needed_bytes)} plus a {margin} safety margin "
+                        f"but only {_gigabytes(free)} is free on the filesystem of {parent}; "
+                        "free some space or choose another output")
 
 
 def _gigabytes(count: int) -> str:
@@ -94,13 +116,3 @@ def _same_file(descriptor: int, path: Path) -> bool:
 def _read_holder(descriptor: int) -> str:
     content = os.pread(descriptor, 100, 0).decode(errors="replace").strip()
     return content or "process unknown"
-
-
-def remove_stale_partials(output: Path) -> list[Path]:
-    """Delete temporary directories that killed runs left beside `output`; call only under the lock."""
-    output = output.absolute()
-    stale = [path for pattern in (f".{output.name}.*.partial", f".{output.name}.*.replaced")
-             for path in output.parent.glob(pattern) if path.is_dir()]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
@@ -45,7 +45,9 @@ class Options:
 @dataclass(frozen=True)
 class PlanEntry:
     path: str  # where it came from, e.g. "ablate[2]" or "embeddings"
-    layers: tuple[int, ...]  # empty for the embeddings entry
+    # As written: "2-30000000" stays one range, never a list of 30 million numbers; resolution keeps
+    # only the layers the model has. Empty for the embeddings entry.
+    layer_ranges: tuple[range, ...]
     measurement: MeasurementSpec | None  # None: each layer uses its own measurement
     options: Options
 
@@ -110,14 +112,70 @@ def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise UserError(f"{path}: plan file not found")
     text = path.read_text()
+    loader = _PlanLoader(text)
     try:
-        document = yaml.safe_load(text)
+        document = loader.get_single_data()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    raise_problems(path, loader.duplicate_keys)
     return parse_plan(document, path, text)
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """Safe YAML read by the YAML 1.2 core schema, refusing a key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where `010` is octal 8, `5e-1` is a string and `yes`/`on` are booleans,
+    and where a repeated key silently replaces the earlier one; in a plan each of those edits other
+    weights than the user wrote. Under the core schema numbers read as written (`010` is 10, `0o10`
+    is 8), only true/false are booleans, and everything else unquoted is a string. Merge keys
+    (`<<: *defaults`) keep working.
+    """
+
+    yaml_implicit_resolvers: dict = {}
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.duplicate_keys: list[str] = []
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # Checked on the composed node, before merge keys are flattened into it.
+        node = super().compose_mapping_node(anchor)
+        lines_by_key: dict[tuple[str, str], list[int]] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                lines_by_key.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+        for (_, key), lines in lines_by_key.items():
+            if len(lines) > 1:
+                times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+                listed = ", ".join(map(str, lines[:-1])) + f" and {lines[-1]}"
+                self.duplicate_keys.append(f"key '{key}' appears {times} (lines {listed}); keep one")
+        return node
+
+    def construct_core_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)  # leading zeros are decimal
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# The YAML 1.2 core schema's plain scalars (spec 1.2.2, section 10.3.2), in the order they are tried.
+_CORE_SCHEMA = (
+    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|"),
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE"),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
+    ("tag:yaml.org,2002:float",
+     r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"),
+    (_MERGE_TAG, r"<<"),
+)
+for tag, pattern in _CORE_SCHEMA:
+    _PlanLoader.add_implicit_resolver(tag, re.compile(rf"^(?:{pattern})$"), None)
+_PlanLoader.add_constructor("tag:yaml.org,2002:int", _PlanLoader.construct_core_int)
 
 
 def parse_plan(document: Any, source: Path, text: str = "") -> Plan:
@@ -211,31 +269,42 @@ def _options(mapping: dict, path: str, inherited: Options, problems: _Problems, 
     return options
 
 
-def _layers(value: Any, path: str, problems: _Problems) -> tuple[int, ...]:
+def _layers(value: Any, path: str, problems: _Problems) -> tuple[range, ...]:
     """An int, an inclusive range "A-B", or a list of those."""
     items = value if isinstance(value, list) and value else [value]
-    layers: list[int] = []
+    layers: list[range] = []
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            layers.append(item)
+            layers.append(range(item, item + 1))
             continue
         matched = _LAYER_RANGE.fullmatch(item) if isinstance(item, str) else None
         if matched and int(matched[1]) <= int(matched[2]):
-            layers.extend(range(int(matched[1]), int(matched[2]) + 1))
+            layers.append(range(int(matched[1]), int(matched[2]) + 1))
             continue
         problems.add(path, f"must be a layer number >= 0, an inclusive range like \"10-20\", or a list of those; got {item!r}")
     return tuple(layers)
 
 
-def format_layers(layers: Sequence[int]) -> str:
+def format_layers(layers: Iterable[int]) -> str:
     """Layer numbers in the plan's own syntax, the inverse of `_layers`: [1, 2, 3, 7] -> "1-3, 7"."""
-    spans: list[list[int]] = []
-    for layer in sorted(set(layers)):
-        if spans and layer == spans[-1][1] + 1:
-            spans[-1][1] = layer
+    return format_layer_ranges(range(layer, layer + 1) for layer in layers)
+
+
+def format_layer_ranges(ranges: Iterable[range]) -> str:
+    """Ranges of layers in the plan's syntax, merged where they touch: [range(1, 3), range(3, 4)] -> "1-3"."""
+    spans: list[list[int]] = []  # [first, stop)
+    for layers in sorted((layers for layers in ranges if layers), key=lambda layers: layers.start):
+        if spans and layers.start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], layers.stop)
         else:
-            spans.append([layer, layer])
-    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
+            spans.append([layers.start, layers.stop])
+    return ", ".join(str(first) if stop == first + 1 else f"{first}-{stop - 1}" for first, stop in spans)
+
+
+def layers_are(ranges: Sequence[range]) -> str:
+    """The subject of a sentence about these layers: "layer 4 is" or "layers 4-9, 12 are"."""
+    listed = format_layer_ranges(ranges)
+    return f"layer {listed} is" if sum(len(layers) for layers in ranges) == 1 else f"layers {listed} are"
 
 
 def _measurement(value: Any, path: str, problems: _Problems) -> MeasurementSpec | None:
@@ -293,12 +362,17 @@ def _embeddings(value: Any, defaults: Options, problems: _Problems) -> PlanEntry
 
 
 def _check_duplicate_layers(entries: list[PlanEntry], problems: _Problems) -> None:
-    """One entry per layer: a layer listed twice is almost always an editing slip."""
-    first_seen: dict[int, str] = {}
+    """One entry per layer: a layer listed twice is almost always an editing slip.
+
+    Compared range by range, never layer by layer: a range may be as long as a typo makes it.
+    """
+    seen: list[tuple[range, str]] = []
     for entry in entries:
-        for layer in entry.layers:
-            if layer in first_seen:
-                where = "earlier in this entry" if first_seen[layer] == entry.path else f"by {first_seen[layer]}"
-                problems.add(f"{entry.path}.layer", f"layer {layer} is already planned {where}; "
-                             "plan each layer once (use a list 'measurement' to combine directions)")
-            first_seen.setdefault(layer, entry.path)
+        for layers in entry.layer_ranges:
+            for earlier, path in seen:
+                overlap = range(max(layers.start, earlier.start), min(layers.stop, earlier.stop))
+                if overlap:
+                    where = "earlier in this entry" if path == entry.path else f"by {path}"
+                    problems.add(f"{entry.path}.layer", f"{layers_are([overlap])} already planned {where}; "
+                                 "plan each layer once (use a list 'measurement' to combine directions)")
+            seen.append((layers, entry.path))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.atomic import atomic_file, check_writable_destination
-from lib.errors import UserError
+from lib.errors import UserError, writing
 from lib.measurements import Measurements
 from lib.signal_metrics import SignalReport
 
@@ -211,5 +211,5 @@ def check_plan_destination(path: Path) -> None:
 
 
 def write_plan(text: str, path: Path) -> None:
-    with atomic_file(path) as temporary:
+    with writing(path), atomic_file(path) as temporary:
         temporary.write_text(text, encoding="utf-8")

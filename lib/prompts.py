@@ -1,7 +1,7 @@
 """Prompt files: one loader for every stage, five formats, one-line errors naming the flag and file.
 
 Formats (chosen by the file's extension):
-  .txt      one prompt per line; line endings and blank lines are dropped
+  .txt      one prompt per line (lines end at LF, CR LF or CR only); line endings and blank lines are dropped
   .json     a list of strings, or of objects with a `text`, `prompt` or `instruction` field
   .jsonl    one JSON string or object (same fields) per line
   .csv      a header row with a `text` or `prompt` column
@@ -35,8 +35,17 @@ class _BadPromptFile(Exception):
     """Raised by a format reader; turned into a UserError naming the flag and file."""
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of `text` read by `_read_text`, which has already turned CR LF and CR into LF.
+
+    Not `str.splitlines`: it also splits at form feeds, U+2028 and other separators, which belong
+    to the prompt they sit in (and may sit inside a JSON string).
+    """
+    return text.split("\n")
+
+
 def _text_prompts(path: Path) -> list[str]:
-    return _read_text(path).splitlines()
+    return _lines(_read_text(path))
 
 
 def _prompt_from_item(item: Any, where: str) -> str:
@@ -63,7 +72,7 @@ def _json_prompts(path: Path) -> list[str]:
 
 def _jsonl_prompts(path: Path) -> list[str]:
     prompts = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,6 +42,12 @@ AUTOMATIC_BATCH_SIZE_LIMIT = 256
 # Share of the free memory the activations of one automatic-size batch may plan to use.
 AUTOMATIC_BATCH_MEMORY_FRACTION = 0.5
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+# transformers 5.24 renamed the key/value cache's forward argument and output field from
+# `past_key_values` to `cache` and warns about the old name until its removal (planned for 5.40).
+# Older 5.x releases and remote-code models know only the old name, so each model's own
+# signature and output decide.
+CACHE_NAME = "cache"
+LEGACY_CACHE_NAME = "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,7 @@ class SharedPrefix:
     length: int
     cache: Cache
     window: int | None
+    argument_name: str  # the keyword the model's forward takes the cache by
 
     def fits(self, suffix_length: int) -> bool:
         return self.window is None or self.length + suffix_length <= self.window
@@ -274,8 +282,22 @@ def compute_shared_prefix(
         return None
     finally:
         capture.clear()  # the prefix's own residuals are no prompt's last token
-    cache = getattr(output, "past_key_values", None)
-    return SharedPrefix(length, cache, sliding_window(model)) if isinstance(cache, Cache) else None
+    cache = returned_cache(output)
+    if not isinstance(cache, Cache):
+        return None
+    return SharedPrefix(length, cache, sliding_window(model), cache_argument_name(model))
+
+
+def cache_argument_name(model: PreTrainedModel) -> str:
+    """The keyword the base model's forward takes a key/value cache by (its signature says)."""
+    parameters = inspect.signature(model.base_model.forward).parameters
+    return CACHE_NAME if CACHE_NAME in parameters else LEGACY_CACHE_NAME
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward pass returned, under the name its output class declares."""
+    declared = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, CACHE_NAME if CACHE_NAME in declared else LEGACY_CACHE_NAME, None)
 
 
 def batch_inputs(
@@ -290,7 +312,7 @@ def batch_inputs(
                 "input_ids": suffixes.input_ids.to(device),
                 "attention_mask": torch.cat([prefix_mask, suffixes.attention_mask], dim=1).to(device),
                 "position_ids": (suffixes.position_ids + prefix.length).to(device),
-                "past_key_values": prefix.cache_for_batch(len(rows)),
+                prefix.argument_name: prefix.cache_for_batch(len(rows)),
                 "use_cache": True,
             }
     return {**left_pad(rows, pad_token_id).to(device).model_inputs(), "use_cache": False}

@@ -8,7 +8,6 @@ with the plan for this model is found here, before anything is written, and repo
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +23,10 @@ from lib.architectures import (
     SHARED_EXPERT_OUTPUT,
     Gain,
     Role,
-    TensorRule,
-    layer_tensor_pattern,
 )
-from lib.checkpoint import Checkpoint
+from lib.checkpoint import Checkpoint, TensorMatch
 from lib.measurements import Measurements
-from lib.plan import MeasurementSpec, Plan, PlanEntry, format_layers, raise_problems
+from lib.plan import MeasurementSpec, Plan, PlanEntry, layers_are, raise_problems
 from lib.projection import (
     DegenerateDirectionError,
     interpolated,
@@ -68,18 +65,11 @@ class Resolution:
     untie_embeddings: bool  # the embedding is edited while tied to the output head
 
 
-@dataclass(frozen=True)
-class _Match:
-    rule: TensorRule
-    name: str
-    expert: int | None
-
-
 def resolve(plan: Plan, checkpoint: Checkpoint, measurements: Measurements) -> Resolution:
     problems: list[str] = []
     _check_measurements_fit(checkpoint, measurements, problems)
     raise_problems(plan.source, problems)  # nothing below makes sense for another model's measurements
-    matches = _matches_by_layer(checkpoint)
+    matches = checkpoint.layer_matches
     edits: list[TensorEdit] = []
     for entry in plan.entries:
         _check_components_exist(entry, checkpoint, problems)
@@ -110,12 +100,18 @@ def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: 
 
 
 def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> list[int]:
-    """The entry's layers the model has; the others are one problem, however many there are."""
-    outside = [layer for layer in entry.layers if layer >= checkpoint.num_layers]
+    """The entry's layers the model has; the others are one problem, however many there are.
+
+    Ranges are cut at the model's layer count before any is expanded: a typo like "2-30000000"
+    costs nothing.
+    """
+    count = checkpoint.num_layers
+    outside = [range(max(layers.start, count), layers.stop) for layers in entry.layer_ranges
+               if layers.stop > count]
     if outside:
-        what = f"layer {outside[0]} is" if len(outside) == 1 else f"layers {format_layers(outside)} are"
-        problems.append(f"{entry.path}.layer: {what} out of range; the model has layers 0..{checkpoint.num_layers - 1}")
-    return [layer for layer in entry.layers if layer < checkpoint.num_layers]
+        problems.append(f"{entry.path}.layer: {layers_are(outside)} out of range; "
+                        f"the model has layers 0..{count - 1}")
+    return [layer for layers in entry.layer_ranges for layer in range(layers.start, min(layers.stop, count))]
 
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:
@@ -126,18 +122,6 @@ def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, 
     if measurements.num_layers != checkpoint.num_layers:
         problems.append(f"measurements {source}: measured a model with {measurements.num_layers} layers, "
                         f"but the model has {checkpoint.num_layers}")
-
-
-def _matches_by_layer(checkpoint: Checkpoint) -> dict[int, list[_Match]]:
-    patterns = [(rule, layer_tensor_pattern(checkpoint.layout.model_prefix, rule)) for rule in checkpoint.family.rules]
-    matches: dict[int, list[_Match]] = defaultdict(list)
-    for name in checkpoint.tensors:
-        for rule, pattern in patterns:
-            found = pattern.fullmatch(name)
-            if found:
-                expert = found.groupdict().get("expert")
-                matches[int(found["layer"])].append(_Match(rule, name, int(expert) if expert is not None else None))
-    return matches
 
 
 def _direction(
@@ -198,7 +182,7 @@ def _measured_direction(spec: MeasurementSpec, measurements: Measurements) -> to
 
 def _layer_edits(
     plan: Plan, entry: PlanEntry, layer: int, checkpoint: Checkpoint, measurements: Measurements,
-    matches: dict[int, list[_Match]], problems: list[str],
+    matches: dict[int, list[TensorMatch]], problems: list[str],
 ) -> list[TensorEdit]:
     prepared = _direction(entry, layer if entry.measurement is None else entry.measurement, layer, measurements,
                           problems)
@@ -252,7 +236,8 @@ def _through_gain(
 
 
 def _check_layer_complete(
-    entry: PlanEntry, layer: int, checkpoint: Checkpoint, layer_matches: list[_Match], problems: list[str]
+    entry: PlanEntry, layer: int, checkpoint: Checkpoint, layer_matches: list[TensorMatch],
+    problems: list[str],
 ) -> None:
     """A planned layer must have every tensor its family promises; otherwise the names are not understood."""
     family = checkpoint.family
@@ -277,7 +262,7 @@ def _check_layer_complete(
                             f"{prefix} like {examples} (model_type {checkpoint.model_type})")
 
 
-def _expert_count(experts: list[_Match], checkpoint: Checkpoint) -> int:
+def _expert_count(experts: list[TensorMatch], checkpoint: Checkpoint) -> int:
     numbered = {match.expert for match in experts if match.expert is not None}
     if numbered:
         return len(numbered)

@@ -6,17 +6,19 @@ dtype, shape and `data_offsets` (relative to the end of the header) plus an opti
 is padded with spaces to a multiple of 8 bytes, as the reference implementation does, so that
 every tensor stays aligned when the largest element types come first.
 
-Reading parses the header only; a tensor's bytes are read on demand (`read_tensor`, checked
-against `safe_open` in the tests) or copied
-file-to-file in the kernel (`ShardSink.copy_range`), so untouched tensors never pass through
-Python and come out bit-identical. Writing emits the header first and then each tensor's bytes in
+Reading parses the header only, and checks it as strictly as the reference implementation does
+(the tensors must tile the data section exactly); a tensor's bytes are read on demand
+(`read_tensor`, checked against `safe_open` in the tests) or copied file-to-file in the kernel
+(`ShardSink.copy_range`), so untouched tensors never pass through Python and come out bit-identical. Writing emits the header first and then each tensor's bytes in
 turn, so no shard is ever held in memory; the writes run in a background thread (`BackgroundWriter`)
 so that the disk works while the next tensor is being edited.
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
+import math
 import os
 import struct
 from collections import deque
@@ -96,16 +98,78 @@ def read_header(path: Path) -> ShardHeader:
             header = json.loads(handle.read(header_length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_start = _HEADER_LENGTH_BYTES + header_length
-    metadata = header.pop("__metadata__", None)
-    tensors = []
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in ELEMENT_SIZES or data_start + end > file_size or begin > end:
-            raise UserError(f"{path}: tensor {name} has an unsupported dtype or lies outside the file")
-        tensors.append(StoredTensor(name, path, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end))
-    tensors.sort(key=lambda tensor: tensor.begin)
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    tensors = [_stored_tensor(path, name, entry, data_start) for name, entry in header.items()]
+    tensors.sort(key=lambda tensor: (tensor.begin, tensor.end))
+    _check_data_tiled(path, tensors, data_start, file_size)
     return ShardHeader(path, metadata, tuple(tensors))
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str] | None:
+    is_text_map = isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    if metadata is not None and not is_text_map:
+        raise UserError(f"{path}: the header's __metadata__ must map names to strings, got {metadata!r}")
+    return metadata
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _stored_tensor(path: Path, name: str, entry: object, data_start: int) -> StoredTensor:
+    """One header entry, checked as the reference implementation checks it; where it lies among the
+    others is `_check_data_tiled`'s part."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: tensor {name}: its header entry must be an object, got {entry!r}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ELEMENT_SIZES:
+        raise UserError(f"{path}: tensor {name} has dtype {dtype!r}; known: {', '.join(ELEMENT_SIZES)}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise UserError(f"{path}: tensor {name} has shape {shape!r}; a shape is a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))) \
+            or offsets[0] > offsets[1]:
+        raise UserError(f"{path}: tensor {name} has data_offsets {offsets!r}; expected [begin, end] with "
+                        "0 <= begin <= end")
+    begin, end = offsets
+    expected_bytes = math.prod(shape) * ELEMENT_SIZES[dtype]
+    if end - begin != expected_bytes:
+        raise UserError(f"{path}: tensor {name} is {dtype} of shape {shape}, which takes {expected_bytes} "
+                        f"bytes, but its data_offsets [{begin}, {end}] hold {end - begin}; "
+                        "the header is corrupt")
+    return StoredTensor(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_data_tiled(path: Path, tensors: list[StoredTensor], data_start: int, file_size: int) -> None:
+    """The tensors, in file order, must cover the data section exactly: no overlap, no gap, nothing after.
+
+    The reference implementation refuses any other layout. Overlaps are looked for first: tensors
+    sharing bytes would carry an edit of one into the other, and the message names both.
+    """
+    for previous, tensor in itertools.pairwise(tensors):
+        if tensor.begin < previous.end:
+            raise UserError(f"{path}: tensor {tensor.name} overlaps tensor {previous.name} in the file "
+                            f"(data_offsets {_offsets(tensor, data_start)} and "
+                            f"{_offsets(previous, data_start)}); the header is corrupt")
+    position = data_start
+    for tensor in tensors:
+        if tensor.begin > position:
+            raise UserError(f"{path}: {tensor.begin - position} bytes before tensor {tensor.name} belong to "
+                            f"no tensor (data_offsets {_offsets(tensor, data_start)}); the header is corrupt")
+        position = tensor.end
+    if position > file_size:
+        raise UserError(f"{path}: tensor {tensors[-1].name} ends {position - file_size} bytes after the end "
+                        "of the file (truncated file?)")
+    if position < file_size:
+        raise UserError(f"{path}: the last {file_size - position} bytes of the file belong to no tensor; "
+                        "the header is corrupt")
+
+
+def _offsets(tensor: StoredTensor, data_start: int) -> list[int]:
+    """The tensor's data_offsets as the header writes them (relative to the data section)."""
+    return [tensor.begin - data_start, tensor.end - data_start]
 
 
 def return_freed_tensors_to_the_system() -> None:

@@ -1,9 +1,12 @@
 """Shared pieces of the sharded_ablate tests: measurement files, plans, runs and residual-write probes."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import struct
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from safetensors import safe_open
 import sharded_ablate
 from lib.errors import run_cli
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
+from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 
 GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
 
@@ -33,6 +37,38 @@ def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int 
 def write_plan(path: Path, plan: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
+
+
+def write_raw_safetensors(path: Path, header: Any, data: bytes) -> Path:
+    """A file laid out as safetensors with exactly this header (however wrong) followed by `data`."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def rewrite_header(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Edit a safetensors file's header in place, keeping its data bytes as they are."""
+    raw = path.read_bytes()
+    (header_length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_length])
+    change(header)
+    write_raw_safetensors(path, header, raw[8 + header_length:])
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Content hash of every file under `directory` (following symlinks), by relative path."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def make_plan(tmp_path: Path, model: str | Path, **extra) -> Path:
+    """tmp_path/plan.yml: `model` ablated at layer 2 with tmp_path/m.pt (written once) into tmp_path/out."""
+    if not (tmp_path / "m.pt").exists():
+        write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
+    plan = {"model": str(model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
+            "ablate": [{"layer": 2}], **extra}
+    return write_plan(tmp_path / "plan.yml", plan)
 
 
 class Run(NamedTuple):

@@ -1,6 +1,7 @@
 """Shared pytest fixtures: tiny real-architecture checkpoints, built once per test session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> FixtureFactory:
         return built[key]
 
     return make
+
+
+@pytest.fixture
+def synced_paths(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The path behind every descriptor passed to os.fsync during the test, in call order.
+
+    The real fsync still runs: the code under test does its real writes, this only watches.
+    """
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
 
 
 @pytest.fixture(scope="session", autouse=True)

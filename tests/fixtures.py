@@ -207,6 +207,47 @@ def build_fixture(
     return output_dir
 
 
+def copy_without_chat_template(model_directory: Path, destination: Path) -> Path:
+    """A copy of a fixture whose tokenizer has no chat template (as a base model's has none)."""
+    shutil.copytree(model_directory, destination)
+    (destination / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = destination / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return destination
+
+
+# Ways model files break on disk (an interrupted download or copy, a hand edit), for the error tests.
+DAMAGES = (
+    "truncated shard", "overwritten shard header", "missing shard", "config.json cut short", "index cut short",
+)
+
+
+def damaged_copy(model_directory: Path, destination: Path, damage: str) -> tuple[Path, Path]:
+    """Copy a sharded fixture to `destination` and break one file as `damage` (one of DAMAGES) says.
+
+    Returns the copy and the file an error message must name: the broken file, or for a missing
+    shard the index that lists it.
+    """
+    copy = Path(shutil.copytree(model_directory, destination))
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    index = copy / "model.safetensors.index.json"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        return copy, shard
+    if damage == "overwritten shard header":
+        with open(shard, "r+b") as handle:
+            handle.write(b"\xff" * 8)  # the header length: far beyond the file
+        return copy, shard
+    if damage == "missing shard":
+        shard.unlink()
+        return copy, index
+    broken = {"config.json cut short": copy / "config.json", "index cut short": index}[damage]
+    broken.write_text(broken.read_text()[:-5])
+    return copy, broken
+
+
 def install_in_hub_cache(model_directory: Path, cache_directory: Path, repo_id: str, revision: str = "a" * 40) -> Path:
     """Lay `model_directory` out as the hub cache does (blobs + snapshot symlinks + refs/main).
 

@@ -23,8 +23,18 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 
 def reference_greedy_reply(model_directory: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
     """The greedy reply by transformers' generate() for this conversation alone, up to the first EOS."""
+    _, tokenizer = load_reference(model_directory)
+    return _greedy_reply(model_directory, _prompt_ids(tokenizer, messages), max_new_tokens)
+
+
+def reference_greedy_continuation(model_directory: Path, text: str, max_new_tokens: int) -> str:
+    """The greedy continuation of raw `text` (no chat template; the tokenizer's own BOS)."""
+    _, tokenizer = load_reference(model_directory)
+    return _greedy_reply(model_directory, tokenizer(text, return_tensors="pt")["input_ids"], max_new_tokens)
+
+
+def _greedy_reply(model_directory: Path, input_ids: torch.Tensor, max_new_tokens: int) -> str:
     model, tokenizer = load_reference(model_directory)
-    input_ids = _prompt_ids(tokenizer, messages)
     with torch.inference_mode():
         sequences = model.generate(
             input_ids,

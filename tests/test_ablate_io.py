@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lib.errors import UserError
 from lib.safetensors_stream import BackgroundWriter, HeaderEntry, queue_shard, read_header, read_tensor
+from tests.ablate_helpers import write_raw_safetensors
 
 
 def reference_file(path: Path) -> dict[str, torch.Tensor]:
@@ -89,3 +91,42 @@ def test_malformed_files_are_user_errors(tmp_path: Path, content: bytes, message
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         read_header(path)
+
+
+def two_tensors(**changes: Any) -> dict[str, Any]:
+    """A valid header of two F32 [2] tensors, `a` at [0, 8] and `b` at [8, 16], with entries replaced."""
+    return {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, **changes}
+
+
+@pytest.mark.parametrize(
+    "header, data_bytes, message",
+    [
+        (two_tensors(b={"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}), 16,
+         "tensor b overlaps tensor a in the file (data_offsets [4, 12] and [0, 8])"),
+        (two_tensors(b={"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}), 20,
+         "4 bytes before tensor b belong to no tensor"),
+        (two_tensors(), 20, "the last 4 bytes of the file belong to no tensor"),
+        (two_tensors(), 12, "tensor b ends 4 bytes after the end of the file"),
+        (two_tensors(a={"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}), 16,
+         "tensor a is F32 of shape [3], which takes 12 bytes, but its data_offsets [0, 8] hold 8"),
+        (two_tensors(a={"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}), 16,
+         "tensor a has dtype 'F128'; known:"),
+        (two_tensors(a={"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}), 16, "a list of sizes >= 0"),
+        (two_tensors(a={"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}), 16, "0 <= begin <= end"),
+        (two_tensors(a={"dtype": "F32", "shape": [2]}), 16, "tensor a has data_offsets None"),
+        (two_tensors(a=[0, 8]), 16, "tensor a: its header entry must be an object"),
+        (two_tensors(__metadata__={"format": 1}), 16, "__metadata__ must map names to strings"),
+        ([], 0, "header is not a JSON object"),
+    ],
+    ids=["overlap", "gap", "trailing-bytes", "truncated", "byte-length", "dtype", "shape", "reversed-offsets",
+         "missing-offsets", "entry-not-object", "metadata", "not-an-object"],
+)
+def test_headers_the_reference_refuses_are_user_errors(tmp_path: Path, header: Any, data_bytes: int,
+                                                        message: str) -> None:
+    path = write_raw_safetensors(tmp_path / "bad.safetensors", header, bytes(data_bytes))
+    with pytest.raises(SafetensorError):
+        safe_open(path, framework="pt")
+    with pytest.raises(UserError, match=f"^{path}: ") as refused:
+        read_header(path)
+    assert message in str(refused.value)

@@ -1,7 +1,6 @@
 """The output directory: inputs of every shape, what is copied, written and refused, and crash safety."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,28 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from lib.errors import UserError
 from lib.output_guard import check_free_space, lock_path, output_lock
-from tests.ablate_helpers import read_all_tensors, run_ablate, shard_metadata, write_measurements, write_plan
+from tests.ablate_helpers import (
+    make_plan,
+    read_all_tensors,
+    run_ablate,
+    shard_metadata,
+    tree_digest,
+    write_measurements,
+    write_plan,
+)
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, build_fixture, install_in_hub_cache
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
-
-
-def tree_digest(directory: Path) -> dict[str, str]:
-    """Content hash of every file under `directory` (following symlinks), by relative path."""
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
-
-
-def make_plan(tmp_path: Path, model: str | Path, **extra) -> Path:
-    if not (tmp_path / "m.pt").exists():
-        write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    plan = {"model": str(model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
-            "ablate": [{"layer": 2}], **extra}
-    return write_plan(tmp_path / "plan.yml", plan)
 
 
 def test_single_file_input_gives_a_single_file_output(tiny_model, tmp_path: Path, capsys) -> None:
@@ -90,15 +84,18 @@ def test_link_hard_links_only_unedited_shards(tiny_model, tmp_path: Path, capsys
         assert linked == (shard not in edited), shard
 
 
-def test_overwrite_replaces_and_its_absence_refuses(tiny_model, tmp_path: Path, capsys) -> None:
-    plan = make_plan(tmp_path, tiny_model("llama"))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("previous run")
+def test_overwrite_replaces_a_previous_output_and_its_absence_refuses(tiny_model, tmp_path: Path,
+                                                                      capsys) -> None:
+    source = tiny_model("llama")
+    plan = make_plan(tmp_path, source)
+    assert run_ablate([str(plan)], capsys).status == 0
+    previous = tree_digest(tmp_path / "out")
     status, error, _ = run_ablate([str(plan)], capsys)
     assert status == 2 and "already exists; pass --overwrite" in error
-    assert (tmp_path / "out" / "old.txt").is_file()
+    assert tree_digest(tmp_path / "out") == previous
+    make_plan(tmp_path, source, scale=0.5)
     assert run_ablate([str(plan), "--overwrite"], capsys).status == 0
-    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "ablation_plan.yml").read_text())["global_scale"] == 0.5
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.pt", "out", "plan.yml"]
 
 
@@ -132,7 +129,7 @@ def test_a_second_concurrent_run_is_refused_and_a_stale_lock_is_taken_over(tiny_
 
 
 def test_free_space_is_checked_before_writing(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="needs 1000000000.00 GB but only"):
+    with pytest.raises(UserError, match=r"needs 1000000000.00 GB plus a 0.07 GB safety margin but only"):
         check_free_space(tmp_path / "out", 10**18)
     check_free_space(tmp_path / "out", 1)
 

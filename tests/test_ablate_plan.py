@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
-from tests.ablate_helpers import run_ablate, write_measurements, write_plan
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from lib.plan import load_plan
+from tests.ablate_helpers import rewrite_header, run_ablate, write_measurements, write_plan
+from tests.fixtures import DAMAGES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, damaged_copy
 
 
 @pytest.fixture
@@ -26,13 +28,16 @@ def setup(tiny_model, tmp_path: Path):
     return plan, tmp_path
 
 
-def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = ()) -> str:
+def assert_refused(plan: dict, tmp_path: Path, capsys, *fragments: str, extra: tuple[str, ...] = (),
+                   extra_files: tuple[str, ...] = ()) -> str:
+    """Exit status 2, one line naming every fragment, and nothing written beside the test's `extra_files`."""
     status, error, _ = run_ablate([str(write_plan(tmp_path / "plan.yml", plan)), *extra], capsys)
     assert status == 2
     assert error.startswith("error: ") and error.count("\n") == 1, error
     for fragment in fragments:
         assert fragment in error, error
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.pt", "plan.yml"], "nothing may be written"
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == sorted(["m.pt", "plan.yml", *extra_files]), "nothing may be written"
     return error
 
 
@@ -50,6 +55,9 @@ def test_the_valid_plan_runs(setup, capsys) -> None:
         (lambda plan: plan["ablate"][0].update(layer="2-9"), ("plan.yml: ablate[0].layer: layers 4-9 are out of range", "0..3")),
         (lambda plan: plan["ablate"][0].update(layer=[5, "2-3", 7, 8]), ("plan.yml: ablate[0].layer: layers 5, 7-8 are",)),
         (lambda plan: plan["ablate"][0].update(layer="9-2"), ("ablate[0].layer", "inclusive range")),
+        (lambda plan: plan.update(ablate=[{"layer": [0, "1-3"]}, {"layer": "2-30000000"}]),
+         ("ablate[1].layer: layers 2-3 are already planned by ablate[0]",)),
+        (lambda plan: plan["ablate"][0].update(layer=["1-2", 2]), ("layer 2 is already planned earlier",)),
         (lambda plan: plan["ablate"][0].update(layer=-1), ("ablate[0].layer", "layer number >= 0")),
         (lambda plan: plan["ablate"][0].update(measurement=7), ("ablate[0].measurement", "no layer 7", "0..4")),
         (lambda plan: plan["ablate"][0].update(measurement=4.5), ("ablate[0].measurement", "no layer 5")),
@@ -73,6 +81,19 @@ def test_bad_plans_name_the_yaml_path_and_what_is_allowed(setup, capsys, change,
     plan, tmp_path = setup
     change(plan)
     assert_refused(plan, tmp_path, capsys, *fragments)
+
+
+def test_a_huge_layer_range_is_refused_without_expanding_it(setup, capsys) -> None:
+    """A typo like "2-30000000" for "2-3" once took 23 s and 3.4 GB to be found out of range."""
+    plan, tmp_path = setup
+    plan["ablate"][0]["layer"] = "2-30000000"
+    tracemalloc.start()
+    try:
+        assert_refused(plan, tmp_path, capsys, "ablate[0].layer: layers 4-30000000 are out of range", "0..3")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20  # the 30 million layer numbers alone, as Python ints in a list, take over 1 GB
 
 
 def test_components_the_family_lacks_are_refused(setup, capsys) -> None:
@@ -132,6 +153,15 @@ def test_unknown_family_lists_the_supported_ones(setup, capsys, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_files_are_named(setup, capsys, tmp_path_factory: pytest.TempPathFactory,
+                                       damage: str) -> None:
+    plan, tmp_path = setup
+    model, broken = damaged_copy(Path(plan["model"]), tmp_path_factory.mktemp("damaged") / "model", damage)
+    plan["model"] = str(model)
+    assert_refused(plan, tmp_path, capsys, f"error: {broken}: ")
+
+
 def test_invalid_yaml_names_the_line(setup, capsys) -> None:
     _, tmp_path = setup
     (tmp_path / "plan.yml").write_text("model: x\nablate:\n  - layer: [1\n")
@@ -139,14 +169,61 @@ def test_invalid_yaml_names_the_line(setup, capsys) -> None:
     assert status == 2 and "not valid YAML at line" in error
 
 
+def plan_text(plan: dict, entry: str) -> str:
+    """The setup's plan as hand-written YAML, with `entry` as its `ablate` block, verbatim."""
+    return (f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
+            f"ablate:\n{entry}")
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ("  - layer: 1\n    scale: 1.0\n    scale: 0\n", "key 'scale' appears twice (lines 6 and 7); keep one"),
+        ("  - layer: 1\nablate:\n  - layer: 2\n", "key 'ablate' appears twice (lines 4 and 6); keep one"),
+    ],
+    ids=["scale", "ablate"],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(setup, capsys, entry: str, problem: str) -> None:
+    """YAML would keep the last one silently: a second `scale: 0` shipped an unedited model as ablated."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert (status, error) == (2, f"error: {tmp_path / 'plan.yml'}: {problem}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "entry, layers, scale",
+    [
+        ("  - layer: [010, 011]\n", (10, 11), 1.0),  # YAML 1.1 reads octal: layers 8 and 9
+        ("  - layer: [0o10, 0x0b]\n", (8, 11), 1.0),
+        ("  - layer: 1\n    scale: 5e-1\n", (1,), 0.5),  # YAML 1.1 reads a string
+    ],
+    ids=["leading-zeros", "octal-and-hex", "exponent"],
+)
+def test_numbers_read_as_written(setup, entry: str, layers: tuple[int, ...], scale: float) -> None:
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, entry))
+    parsed = load_plan(tmp_path / "plan.yml")
+    written_layers = tuple(layer for layer_range in parsed.entries[0].layer_ranges for layer in layer_range)
+    assert written_layers == layers and parsed.entries[0].options.scale == scale
+
+
+def test_yes_is_not_a_boolean(setup, capsys) -> None:
+    """YAML 1.1's yes/no/on/off are plain words in YAML 1.2: a flag takes true or false."""
+    plan, tmp_path = setup
+    (tmp_path / "plan.yml").write_text(plan_text(plan, "  - layer: 1\n    projected: yes\n"))
+    status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
+    assert status == 2 and "ablate[0].projected: must be true or false, got 'yes'" in error
+
+
 def test_legacy_plan_format_is_accepted(setup, capsys) -> None:
     """The hand-written format of older tools: model, measurements, output, ablate with all four keys."""
     plan, tmp_path = setup
-    (tmp_path / "plan.yml").write_text(
-        f"model: {plan['model']}\nmeasurements: {plan['measurements']}\noutput: {plan['output']}\n"
-        "ablate:\n  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
-        "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
-    )
+    (tmp_path / "plan.yml").write_text(plan_text(
+        plan, "  - layer: 1\n    measurement: 3\n    scale: 1.0\n    sparsity: 1.00\n"
+              "  - layer: 2\n    measurement: 3\n    scale: 0.5\n    sparsity: 1.0\n"
+    ))
     assert run_ablate([str(tmp_path / "plan.yml"), "--dry-run"], capsys).status == 0
 
 
@@ -201,3 +278,41 @@ def test_missing_experts_are_refused(tiny_model, tmp_path: Path, capsys) -> None
     status, error, _ = run_ablate([str(plan)], capsys)
     assert status == 2 and "2 problems" in error and "layer 1 has 4 experts' output tensors" in error
     assert "num_local_experts = 8" in error
+
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def shard_holding(model: Path, tensor: str) -> Path:
+    return model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+
+
+def test_a_shard_whose_tensors_overlap_is_refused(setup, capsys) -> None:
+    """safetensors itself refuses such a file; streamed, the o_proj written was another tensor's bytes."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "overlapping"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+
+    def point_o_proj_at_a_tensor_of_its_size(header: dict) -> None:
+        size = header[O_PROJ]["data_offsets"][1] - header[O_PROJ]["data_offsets"][0]
+        other = next(name for name, entry in header.items() if name not in (O_PROJ, "__metadata__")
+                     and entry["data_offsets"][1] - entry["data_offsets"][0] == size)
+        header[O_PROJ]["data_offsets"] = header[other]["data_offsets"]
+
+    rewrite_header(shard, point_o_proj_at_a_tensor_of_its_size)
+    error = assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor ", "overlaps tensor",
+                           "header is corrupt", extra_files=("models",))
+    assert O_PROJ in error
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["ablate", "dry-run"])
+def test_a_tensor_shaped_against_the_config_is_refused(setup, capsys, extra: tuple[str, ...]) -> None:
+    """o_proj declared [32, 128] (as many bytes) though config.json says hidden_size 64."""
+    plan, tmp_path = setup
+    plan["model"] = str(shutil.copytree(plan["model"], tmp_path / "models" / "reshaped"))
+    shard = shard_holding(Path(plan["model"]), O_PROJ)
+    rewrite_header(shard, lambda header: header[O_PROJ].update(shape=[HIDDEN_SIZE // 2, HIDDEN_SIZE * 2]))
+    assert_refused(plan, tmp_path, capsys, f"error: {shard}: tensor {O_PROJ} has shape [32, 128], but "
+                   f"config.json implies [hidden_size={HIDDEN_SIZE}, any]; "
+                   "the weights do not match the model's config",
+                   extra=extra, extra_files=("models",))

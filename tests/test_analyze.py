@@ -21,6 +21,7 @@ from lib.measurements import load_measurements
 from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
 from lib.signal_metrics import analyze_measurements
 from tests.conftest import FixtureFactory
+from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -205,6 +206,34 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
 
 
+def test_chart_on_a_full_disk_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    with small_tmpfs(tmp_path / "small", 64 << 10) as small:  # the chart is a few hundred KB
+        chart = small / "chart.png"
+        status, _, error = run_analyze([str(path), "--chart", str(chart)], capsys)
+        assert status == 2
+        assert error.splitlines() == [
+            f"error: {chart}: no space left on device while writing; free some space or write elsewhere, "
+            "then run again"
+        ]
+        assert list(small.iterdir()) == []  # no partial chart, no temporary
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`analyze.py --json | head` once head has read enough: no BrokenPipeError traceback."""
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    process = subprocess.Popen(
+        [sys.executable, "analyze.py", str(path), "--json"],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # the reader is gone before the first byte is written
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert error == b""
+
+
 def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
     environment = {**os.environ, "MPLBACKEND": "Agg"}  # non-interactive: show() returns at once
@@ -320,7 +349,7 @@ def _without_layer(content: dict, layer: int) -> dict:
     return {key: value for key, value in content.items() if not key.endswith(f"_{layer}")}
 
 
-def _with(content: dict, key: str, value: object) -> dict:
+def _with(content: dict, key: object, value: object) -> dict:
     return {**content, key: value}
 
 
@@ -346,7 +375,17 @@ BAD_FILES = {
     "negative variance": (_with(GOOD, "harmless_var_2", -torch.ones(HIDDEN_SIZE)), "negative"),
     "wrong size inside a layer": (_with(GOOD, "harmful_var_2", torch.ones(8)), "different sizes"),
     "no means": ({key: value for key, value in GOOD.items() if not key.startswith("harm")}, "means"),
-    "arbitrary object": (_with(GOOD, "meta", {"path": Path("/")}), "not a measurement file"),
+    "arbitrary object": (_with(GOOD, "meta", {"path": Path("/")}), "Unsupported global: GLOBAL pathlib"),
+    # torch.load's own failures on odd bytes (KeyError, IndexError, UnicodeDecodeError, ...) and odd dicts
+    "plain text": (b"hello world\n", "not a measurement file (expected a torch.save'd dict of plain tensors"),
+    "key that is not a string": (_with(GOOD, 7, torch.ones(HIDDEN_SIZE)), "key 7 is not a string"),
+    "'layers' is a bool": (_with(GOOD, "layers", True), "'layers' must be a positive integer, got True"),
+    "'layers' is a float tensor": (_with(GOOD, "layers", torch.tensor(12.5)), "'layers' must be a positive"),
+    "'layers' is a complex tensor": (_with(GOOD, "layers", torch.tensor(12 + 1j)), "'layers' must be a positive"),
+    "complex vector": (
+        _with(GOOD, "refuse_3", torch.ones(HIDDEN_SIZE, dtype=torch.complex64)),
+        "'refuse_3' must be a floating-point tensor, got torch.complex64",
+    ),
 }
 
 
@@ -362,6 +401,13 @@ def test_bad_input_is_one_line_and_status_2(name: str, tmp_path: Path, capsys: p
     assert status == 2 and out == ""
     assert error.startswith("error: ") and len(error.strip().splitlines()) == 1 and message in error
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["bad.pt"]  # no chart, no temporary
+
+
+def test_a_directory_is_not_a_measurement_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "m.pt").mkdir()
+    status, _, error = run_analyze([str(tmp_path / "m.pt")], capsys)
+    assert status == 2
+    assert error == f"error: {tmp_path / 'm.pt'}: not a regular file (expected a .pt measurement file)\n"
 
 
 def test_pickle_is_never_executed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

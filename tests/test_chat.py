@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -19,8 +20,8 @@ from chat import main
 from lib.chat_format import tokenize_conversation
 from lib.chat_session import Action, Conversation, parse_line
 from lib.errors import UserError, run_cli
-from tests.fixtures import build_tokenizer
-from tests.generation_helpers import reference_greedy_reply
+from tests.fixtures import build_tokenizer, copy_without_chat_template
+from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ANSI_ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
@@ -71,6 +72,71 @@ def test_system_message_reaches_the_template(tiny_model, capsys) -> None:
     )
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
     assert capsys.readouterr().out.strip() == reference_greedy_reply(model, messages, 6)
+
+
+def test_a_model_without_chat_template_continues_the_raw_text(tiny_model, tmp_path: Path, capsys) -> None:
+    model = copy_without_chat_template(tiny_model("llama"), tmp_path / "base-model")
+    arguments = ["--model", str(model), "--prompt", "Once upon a time", "--system", "A story.",
+                 "--max-new-tokens", "6"]
+    line = _fails(capsys, arguments)
+    assert line.startswith(f"error: --model {model}: the tokenizer has no chat template")
+    assert "--no-chat-template" in line
+    assert main([*arguments, "--no-chat-template"]) == 0
+    expected = reference_greedy_continuation(model, "A story.\n\nOnce upon a time", 6)
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_raw_conversation_joins_the_turns_with_blank_lines() -> None:
+    tokenizer = build_tokenizer()
+    conversation = Conversation(system_prompt="Be kind.", use_chat_template=False)
+    conversation.add_exchange("first question", "first answer")
+    ids = tokenize_conversation(tokenizer, conversation.messages("second"), use_chat_template=False)
+    assert tokenizer.decode(ids) == "<bos>Be kind.\n\nfirst question\n\nfirst answer\n\nsecond"
+
+
+# 64 positions: the demo model has 512, as many as the longest default reply, so every message warned.
+FEW_POSITIONS = 64
+LONG_MESSAGE = "Please describe, in careful detail, how the tides of the sea follow the moon."
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_default_reply_length_fits_a_model_with_few_positions(tiny_model, capsys) -> None:
+    """The default reply is capped at half the model's positions, silently: a short prompt gets no warning."""
+    model = tiny_model("llama", max_position_embeddings=FEW_POSITIONS)
+    assert main(["--model", str(model), "--prompt", "hi"]) == 0
+    captured = capsys.readouterr()
+    messages = [{"role": "user", "content": "hi"}]
+    assert captured.out.strip() == reference_greedy_reply(model, messages, FEW_POSITIONS // 2)
+    assert _warnings(captured.err) == []
+
+
+def test_one_shot_prompt_past_the_positions_warns_without_chat_commands(tiny_model, capsys) -> None:
+    model = tiny_model("llama", max_position_embeddings=FEW_POSITIONS)
+    assert main(["--model", str(model), "--prompt", "hi", "--max-new-tokens", str(FEW_POSITIONS)]) == 0
+    prompt_tokens = len(tokenize_conversation(build_tokenizer(), Conversation().messages("hi")))
+    assert _warnings(capsys.readouterr().err) == [
+        f"warning: the prompt is {prompt_tokens} tokens long: with --max-new-tokens {FEW_POSITIONS} a reply "
+        f"can run past the model's {FEW_POSITIONS} positions"
+    ]
+
+
+def test_chat_warns_once_per_conversation_that_outgrows_the_positions(
+    tiny_model, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short first message fits; the long one after it crosses the positions and warns; the next
+    message, though longer still, does not warn again; after /clear the long message warns anew."""
+    model = tiny_model("llama", max_position_embeddings=FEW_POSITIONS)
+    typed = ["hi", LONG_MESSAGE, LONG_MESSAGE, "/clear", LONG_MESSAGE, "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in typed)))
+    assert main(["--model", str(model)]) == 0
+    warnings = _warnings(capsys.readouterr().err)
+    lengths = [int(line.split(" is ")[1].split(" tokens")[0]) for line in warnings]
+    alone = len(tokenize_conversation(build_tokenizer(), Conversation().messages(LONG_MESSAGE)))
+    assert len(warnings) == 2 and lengths[0] > alone == lengths[1]  # the first after "hi" and its reply
+    assert all(line.endswith("positions; /clear starts over (not repeated until then)") for line in warnings)
 
 
 def test_conversation_history_and_commands() -> None:

@@ -7,20 +7,22 @@ import gc
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from evaluate import main
-from lib.chat_format import tokenize_chat_prompts
+from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
 from lib.errors import run_cli
 from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
 from lib.generation import DecodingSettings, generate_replies
 from lib.loading import ModelLoadOptions, load_model_and_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
-from tests.fixtures import build_tokenizer
+from tests.fixtures import build_tokenizer, damaged_copy
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply
 from tests.measure_helpers import HARMFUL_PROMPTS, HARMLESS_PROMPTS
 
@@ -243,6 +245,85 @@ def test_the_model_is_released_after_scoring(tiny_model) -> None:
     assert _live_models(directory) <= already_loaded
 
 
+# ---- progress --------------------------------------------------------------------------------
+
+PROGRESS_PROMPTS = HARMLESS_PROMPTS[:6]
+PROGRESS_TOKENS = 8
+
+
+@dataclass
+class ProgressWatch:
+    """A forward pre-hook on a real model that notes generate_replies' live progress bar (found by its
+    description) at every forward pass: the prompts' pass, then one per decoding step. It can fail one
+    pass as CUDA does when out of memory."""
+
+    description: str
+    out_of_memory_at_pass: int | None = None
+    passes: list[tuple[int, float]] = field(default_factory=list)  # (rows, the bar's count) per pass
+    bar: tqdm | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.bar = next(bar for bar in list(tqdm._instances) if bar.desc == self.description)
+        self.passes.append((kwargs["input_ids"].shape[0], self.bar.n))
+        if len(self.passes) == self.out_of_memory_at_pass:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _generate_watched(
+    model_directory: Path, watch: ProgressWatch, batch_size: int, padding_ends_replies: bool = False
+) -> list[str]:
+    model, tokenizer = load_model_and_tokenizer(str(model_directory), ModelLoadOptions(device_map="cpu"))
+    if padding_ends_replies:  # as an end-of-turn token the model's authors set would
+        model.generation_config.eos_token_id = pad_token_id_of(tokenizer)
+    handle = model.register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        return generate_replies(
+            model,
+            tokenizer,
+            tokenize_chat_prompts(tokenizer, PROGRESS_PROMPTS),
+            DecodingSettings(PROGRESS_TOKENS),
+            batch_size,
+            description=watch.description,
+        ).replies
+    finally:
+        handle.remove()
+
+
+def _assert_finished(bar: tqdm, description: str) -> None:
+    total = len(PROGRESS_PROMPTS) * PROGRESS_TOKENS
+    assert (bar.desc, bar.total, bar.n) == (description, total, total)
+    assert bar.postfix == f"{len(PROGRESS_PROMPTS)}/{len(PROGRESS_PROMPTS)} prompts done"
+
+
+def test_progress_moves_at_every_decoding_step_of_a_single_batch(tiny_model) -> None:
+    """One batch holds every prompt (as automatic batching often does): the bar, counted in decoding steps
+    times rows, moves at every step, so that tqdm can show a rate and an ETA before the batch ends."""
+    watch = ProgressWatch("harmless prompts")
+    _generate_watched(tiny_model("llama"), watch, batch_size=len(PROGRESS_PROMPTS))
+    rows = len(PROGRESS_PROMPTS)
+    assert watch.passes == [(rows, step * rows) for step in range(PROGRESS_TOKENS)]
+    _assert_finished(watch.bar, "harmless prompts")
+
+
+def test_progress_of_a_batch_that_ends_early_jumps_to_its_end(silent_model: Path) -> None:
+    """The silent model's first token (padding) ends every reply here: one forward pass, then the rest of
+    the batch's steps at once."""
+    watch = ProgressWatch("early end")
+    replies = _generate_watched(silent_model, watch, len(PROGRESS_PROMPTS), padding_ends_replies=True)
+    assert replies == [""] * len(PROGRESS_PROMPTS)
+    assert watch.passes == [(len(PROGRESS_PROMPTS), 0)]
+    _assert_finished(watch.bar, "early end")
+
+
+def test_progress_of_a_batch_abandoned_for_out_of_memory_is_taken_back(tiny_model) -> None:
+    """The automatic batch of 6 runs out of memory at its third pass (two steps shown) and is retried as
+    two batches of 3, which start from where the abandoned one started."""
+    watch = ProgressWatch("out of memory", out_of_memory_at_pass=3)
+    _generate_watched(tiny_model("llama"), watch, batch_size=0)
+    assert watch.passes[:4] == [(6, 0), (6, 6), (6, 12), (3, 0)]
+    _assert_finished(watch.bar, "out of memory")
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 
@@ -300,6 +381,59 @@ def test_mismatched_tokenizers_are_refused_before_loading_weights(
     assert not (tmp_path / "r.json").exists()
 
 
+def _edit_tokenizer_json(directory: Path, edit) -> None:
+    path = directory / "tokenizer.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+def _mark_not_special(document: dict, content: str) -> None:
+    next(token for token in document["added_tokens"] if token["content"] == content)["special"] = False
+
+
+# Same vocabulary, other behaviour: each must be named before any weights are read.
+TOKENIZER_JSON_EDITS = {
+    # The reported case: refusals went from 87.5% to 0.0% because every reply decoded to "ĠI Ġcan't".
+    "no decoder": (lambda document: document.update(decoder=None), "decoding (ids ["),
+    "lowercasing normalizer": (
+        lambda document: document.update(normalizer={"type": "Lowercase"}),
+        "encoding (",
+    ),
+    "special token demoted": (
+        lambda document: _mark_not_special(document, "<|end|>"),
+        "special tokens (added token 4: '<|end|>' (special) vs '<|end|>' (not special))",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", TOKENIZER_JSON_EDITS)
+def test_tokenizers_that_encode_or_decode_differently_are_refused(
+    capsys, tiny_model, prompt_files, tmp_path: Path, edit: str
+) -> None:
+    original = _without_weights(tiny_model("llama"), tmp_path / "original")
+    edited = _without_weights(tiny_model("llama"), tmp_path / "edited")
+    change, named = TOKENIZER_JSON_EDITS[edit]
+    _edit_tokenizer_json(edited, change)
+    argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(edited))
+    line = _fails(capsys, argv)
+    assert line.startswith(f"error: --ablated {edited}: tokenizer does not match --model {original}'s")
+    assert named in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_without_chat_template_the_templates_may_differ(tiny_model, prompt_files, tmp_path: Path) -> None:
+    """--no-chat-template uses no template, so a pair whose templates differ is still comparable."""
+    edited = shutil.copytree(tiny_model("llama", seed=1), tmp_path / "edited")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace("assistant", "model")
+    tokenizer.save_pretrained(edited)
+    (tmp_path / "out").mkdir()
+    models = ("--model", str(tiny_model("llama")), "--ablated", str(edited))
+    report = run_evaluate(prompt_files, tmp_path / "out" / "r.json", *models, "--no-chat-template")
+    assert report["settings"]["chat_template"] is False and set(report["models"]) == {"original", "ablated"}
+
+
 @pytest.mark.parametrize("flag", ["--harmful", "--harmless"])
 def test_empty_prompt_file(capsys, tiny_model, prompt_files, tmp_path: Path, flag: str) -> None:
     empty = tmp_path / "empty.txt"
@@ -315,3 +449,15 @@ def test_report_in_a_missing_directory(capsys, tiny_model, prompt_files, tmp_pat
     report = tmp_path / "missing" / "r.json"
     line = _fails(capsys, _arguments(prompt_files, report, "--model", str(tiny_model("llama"))))
     assert line.startswith(f"error: --json {report}: directory ") and "does not exist" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "index cut short", "config.json cut short"])
+def test_damaged_ablated_model_is_named_before_any_scoring(
+    capsys, tiny_model, prompt_files, tmp_path: Path, damage: str
+) -> None:
+    original = tiny_model("llama")
+    ablated, broken = damaged_copy(original, tmp_path / "damaged", damage)
+    argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(ablated))
+    line = _fails(capsys, argv)
+    assert line.startswith(f"error: {broken}: "), line
+    assert not (tmp_path / "r.json").exists()

@@ -206,7 +206,7 @@ def plan_for_fixture(config: Path, model: Path, measurements: Path, work: Path) 
 
 
 def planned_layers(plan: Plan) -> set[int]:
-    return {layer for entry in plan.entries for layer in entry.layers}
+    return {layer for entry in plan.entries for layers in entry.layer_ranges for layer in layers}
 
 
 def expected_edits(plan: Plan, real: RealModel, model: Path) -> set[str]:
@@ -218,7 +218,7 @@ def expected_edits(plan: Plan, real: RealModel, model: Path) -> set[str]:
     names = set()
     for entry in plan.entries:
         components = entry.options.components
-        for layer in entry.layers:
+        for layer in (layer for layers in entry.layer_ranges for layer in layers):
             by_component = tensors.dense_layer if layer < real.first_dense_layers else tensors.layer
             for component in components & set(by_component):
                 suffixes = by_component[component]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
 from lib.errors import UserError
@@ -242,6 +244,31 @@ def test_shared_prefix_is_computed_once(tiny_model, model_type: str, options: di
     assert lengths[1:] == expected
     whole = measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer), share_prefix=False)
     assert_close_relative(shared.mean, whole.mean, TOLERANCE, "shared prefix vs whole prompts")
+
+
+# The project's pytest configuration ignores FutureWarning; this test opts back in, so that a deprecated
+# transformers API fails here before a routine upgrade removes it.
+@pytest.mark.filterwarnings("error::FutureWarning")
+@pytest.mark.parametrize("model_type", ["llama", "gemma3"])
+def test_shared_prefix_cache_uses_no_deprecated_transformers_api(
+    tiny_model, model_type: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tiny_model(model_type)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    token_ids = tokenize_chat_prompts(tokenizer, HARMFUL_PROMPTS)
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # to reach caplog
+    transformers_logging.warning_once.cache_clear()  # a notice an earlier test logged is logged again
+    lengths: list[int] = []
+    handle = decoder_layers(model)[0].register_forward_pre_hook(_recording_lengths(lengths), with_kwargs=True)
+    try:
+        measure_last_token_residuals(model, token_ids, 4, pad_token_id_of(tokenizer))
+    finally:
+        handle.remove()
+    # The prefix ran once and the batches ran on its cache: the cache went in and came out.
+    assert lengths[0] == common_prefix_length(token_ids)
+    assert max(lengths[1:]) < max(len(ids) for ids in token_ids)
+    assert [record.getMessage() for record in caplog.records if "deprecated" in record.getMessage()] == []
 
 
 def test_common_prefix_keeps_every_last_token() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from lib.errors import run_cli
 from measure import main
-from tests.fixtures import build_config, build_tokenizer
+from tests.fixtures import DAMAGES, build_config, build_tokenizer, copy_without_chat_template, damaged_copy
 from tests.measure_helpers import run_measure, write_prompt_files
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -80,18 +79,28 @@ def test_bad_prompt_files(
     assert _no_output(workspace)
 
 
-def _copy_without_chat_template(source: Path, destination: Path) -> Path:
-    shutil.copytree(source, destination)
-    (destination / "chat_template.jinja").unlink(missing_ok=True)
-    config_path = destination / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("chat_template", None)
-    config_path.write_text(json.dumps(config))
-    return destination
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_files_are_named(capsys, tiny_model, workspace: Path, damage: str) -> None:
+    model, broken = damaged_copy(tiny_model("llama"), workspace / "damaged", damage)
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith(f"error: {broken}: "), line
+    if broken.suffix == ".json":
+        assert "invalid JSON (" in line or "which is missing" in line
+    assert _no_output(workspace)
+
+
+def test_shard_that_safetensors_refuses_is_one_line(capsys, tiny_model, workspace: Path) -> None:
+    """Bytes after the last tensor: transformers' loader refuses the shard with a SafetensorError."""
+    model = Path(shutil.copytree(tiny_model("llama"), workspace / "padded"))
+    with open(sorted(model.glob("model-*.safetensors"))[1], "ab") as handle:
+        handle.write(b"trailing bytes")
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith("error: ") and str(model) in line
+    assert _no_output(workspace)
 
 
 def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> None:
-    model = _copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
+    model = copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
     line = _fails(capsys, _arguments(workspace, model))
     assert (
         line.startswith(f"error: --model {model}: ")
@@ -128,6 +137,18 @@ def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) 
     line = _fails(capsys, _arguments(workspace, model, **{"--device-map": "cpu"}))
     assert line.startswith(f"error: --model {model}: the weights need about ")
     assert "bfloat16" in line and "--quant-measure 4bit" in line and "--device-map auto" in line
+    assert _no_output(workspace)
+
+
+def test_output_without_room_stops_before_loading(capsys, workspace: Path) -> None:
+    """A config-only model whose measurement file (6 vectors of 2^30 floats for each of 100001 residual
+    layers) needs petabytes: the free-space check must stop the run before the model is touched."""
+    model = workspace / "enormous"
+    build_config("llama", num_hidden_layers=100_000, hidden_size=1 << 30).save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    output = workspace / "out" / "m.pt"
+    line = _fails(capsys, _arguments(workspace, model))
+    assert line.startswith(f"error: --output {output}: needs ") and "safety margin but only" in line
     assert _no_output(workspace)
 
 

@@ -62,6 +62,17 @@ def test_json_list_of_strings_and_crlf_text(tmp_path: Path) -> None:
     assert load_prompts(tmp_path / "b.txt", "--x") == ["one", "two"]
 
 
+def test_lines_end_at_line_feeds_only(tmp_path: Path) -> None:
+    """Form feeds, U+2028, U+0085 and the other characters str.splitlines splits at stay in their prompt."""
+    separators = "\f\v\x1c\x1d\x1e\x85\u2028\u2029"
+    prompts = [f"page one{separators}page two", "next\tprompt"]
+    (tmp_path / "a.txt").write_text("\n".join(prompts) + "\r\nthird\rfourth\n", encoding="utf-8")
+    assert load_prompts(tmp_path / "a.txt", "--x") == [*prompts, "third", "fourth"]
+    lines = [json.dumps({"text": prompt}, ensure_ascii=False) for prompt in prompts]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert load_prompts(tmp_path / "a.jsonl", "--x") == prompts
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
