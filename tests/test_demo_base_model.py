@@ -29,8 +29,7 @@ from demo.base_model import (
     refusing_model_directory,
 )
 from lib.errors import UserError
-from tests.ablate_helpers import read_all_tensors
-from tests.test_ablate_output import tree_digest
+from tests.ablate_helpers import read_all_tensors, tree_digest
 
 TARGETED_MODULES = ("q_proj", "v_proj", "down_proj")
 LORA_RANK = 4
