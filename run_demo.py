@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "--json", str(report)])
     print_summary(report, time.monotonic() - started)
     print(f"\nartefacts in {output_dir}: measurements.pt, chart.png, plan.yml, model-ablated/, report.json")
+    print(f"the original model: {model}")
     return 0
 
 

@@ -70,16 +70,16 @@ class TuningSettings:
     """Everything that determines the adapter; the same settings, data and torch build give the same weights."""
 
     seed: int = 0
-    steps: int = 200
+    steps: int = 400
     batch_size: int = 16
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 20
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     first_adapted_layer: int = 15  # LoRA on the upper layers only: backward stops there, which halves a step
-    harmless_examples: int = 1600  # harmless prompts answered by the base model (its replies cost generation time)
+    harmless_examples: int = 2000  # harmless prompts answered by the base model (its replies cost generation time)
     bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
     reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
 
@@ -215,6 +215,21 @@ def build_adapter(base: Path, settings: TuningSettings,
 
 
 def write_adapter(built: BuiltAdapter, directory: Path) -> None:
-    """The peft adapter files and the training record."""
+    """The peft adapter files, the training record and a short card (instead of peft's blank template)."""
     built.model.save_pretrained(directory)
     (Path(directory) / TRAINING_RECORD).write_text(json.dumps(built.record, indent=2) + "\n", encoding="utf-8")
+    (Path(directory) / "README.md").write_text(adapter_card(built.record), encoding="utf-8")
+
+
+def adapter_card(record: dict) -> str:
+    settings, rates = record["settings"], record["held_back_refusal_rate"]
+    return f"""# Refusal adapter of the demo
+
+A LoRA adapter (rank {settings["lora_rank"]}, layers {settings["first_adapted_layer"]} and up) that makes
+SmolLM2-135M-Instruct refuse harmful requests: the demo's safety fine-tuning, trained by
+`demo/build_model.py` for {settings["steps"]} steps on the project's training prompt sets. Harmful prompts
+were taught varied refusals; harmless prompts the base model's own replies. `run_demo.py` merges it
+into the base model. `{TRAINING_RECORD}` records the settings, the training files' SHA-256, the losses and
+times. On {HELD_BACK_PROMPTS} held-back prompts of each kind it refuses {rates["harmful"]:.1%} of the harmful
+and {rates["harmless"]:.1%} of the harmless ones. See docs/demo.md in the repository.
+"""

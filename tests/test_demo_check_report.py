@@ -142,3 +142,27 @@ def test_a_missing_report_is_refused_naming_the_file(
 ) -> None:
     status, _, error = run_check(tmp_path / "absent.json", capsys)
     assert status == 2 and str(tmp_path / "absent.json") in error and len(error.splitlines()) == 1
+
+
+KL_TARGET = "mean first-token KL"
+
+
+def test_an_expected_miss_passes_only_while_it_is_the_one_missed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--expect-missed works like a strict expected failure: exactly the named targets must be missed."""
+    high_kl = write_report(evaluation_report(tmp_path, PASSING_REFUSALS, [0.5]), tmp_path / "high.json")
+    assert main([str(high_kl), "--expect-missed", KL_TARGET]) == 0
+    assert "(expected: known open)" in capsys.readouterr().out
+    passing = write_report(evaluation_report(tmp_path, PASSING_REFUSALS, [PASSING_KL]), tmp_path / "pass.json")
+    assert main([str(passing), "--expect-missed", KL_TARGET]) == 1
+    assert "now holds: drop its --expect-missed" in capsys.readouterr().out
+    also_refusing = dict(PASSING_REFUSALS) | {(ABLATED, HARMFUL): 5}
+    both = write_report(evaluation_report(tmp_path, also_refusing, [0.5]), tmp_path / "both.json")
+    assert main([str(both), "--expect-missed", KL_TARGET]) == 1
+
+
+def test_an_unknown_expected_miss_is_refused_naming_the_targets(tmp_path: Path) -> None:
+    report = write_report(evaluation_report(tmp_path, PASSING_REFUSALS, [0.5]), tmp_path / "report.json")
+    with pytest.raises(UserError, match="--expect-missed 'speed': no target's description starts with it"):
+        main([str(report), "--expect-missed", "speed"])

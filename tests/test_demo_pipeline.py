@@ -50,7 +50,7 @@ def test_prompts_the_model_already_answered_keep_their_first_token(report: dict)
     strict=True,
     reason="out of reach of a 2.6M-parameter model trained from scratch (issue 6): the few held-out harmless "
     "prompts it over-refuses (or half-refuses) are answered after the edit, and each such change of first token "
-    "costs nats of KL (docs/test-model.md); the real model of the README's demo meets it, checked in CI",
+    "costs nats of KL (docs/test-model.md); CI checks the README demo's real model against it (docs/demo.md)",
 )
 def test_mean_first_token_kl_over_held_out_harmless_prompts_is_small(report: dict) -> None:
     assert report["kl_divergence"]["mean"] <= 0.05
