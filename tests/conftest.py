@@ -71,10 +71,10 @@ def shipped_demo_model() -> Path:
 
 @pytest.fixture(scope="session")
 def freshly_built_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo model built through demo/build_model.py's command line from the real training sets,
+    """A demo model built through demo/build_toy_model.py's command line from the real training sets,
     shrunk (2 layers, 40 steps) so that it takes seconds: for what the build writes, not how well
     the model refuses."""
-    from demo.build_model import main
+    from demo.build_toy_model import main
 
     output = tmp_path_factory.mktemp("demo") / "demo-model"
     arguments = ["--output", str(output), "--steps", "40", "--layers", "2", "--hidden-size", "64",

@@ -1,4 +1,4 @@
-"""The demo model (demo/build_model.py): a real Llama checkpoint on disk, with tokenizer and chat
+"""The demo model (demo/build_toy_model.py): a real Llama checkpoint on disk, with tokenizer and chat
 template, that refuses harmful prompts and answers harmless ones, including prompts it never saw.
 
 Behaviour is checked on the model the repository ships in demo/model/, loaded with transformers'
@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from demo.build_model import main
+from demo.build_toy_model import main
 from lib.demo_model import (
     END_OF_TURN,
     EVALUATION_FILES,

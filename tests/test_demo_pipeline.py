@@ -1,7 +1,9 @@
-"""End to end: run_demo.py chains every stage as its own process on the shipped demo model.
+"""End to end: run_demo.py chains every stage as its own process, here on the small from-scratch model.
 
-Guards the pipeline's defaults: the plan that analyze.py suggests, used without hand edits, must
-still remove the demo model's refusals on held-out prompts without adding over-refusal.
+The README's demo runs the same script on a real pretrained model (fetched from the package registry,
+so CI runs it, not this offline suite). Guards the pipeline's defaults: the plan that analyze.py
+suggests, used without hand edits, must still remove the test model's refusals on held-out prompts
+without adding over-refusal.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ ARTEFACTS = ("measurements.pt", "chart.png", "plan.yml", "model-ablated/config.j
 @pytest.fixture(scope="module")
 def demo_output(shipped_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("demo-run") / "demo-output"
-    # No --model: the demo's own default, the shipped model, exactly as the README's command runs it.
-    assert main(["--output-dir", str(output)]) == 0
+    assert main(["--output-dir", str(output), "--model", str(shipped_demo_model)]) == 0
     return output
 
 
@@ -47,9 +48,9 @@ def test_prompts_the_model_already_answered_keep_their_first_token(report: dict)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 6's target, not met yet: the few held-out harmless prompts the demo model over-refuses "
-    "(or half-refuses) are answered after the edit, and each such change of first token costs nats of KL "
-    "(docs/demo.md)",
+    reason="out of reach of a 2.6M-parameter model trained from scratch (issue 6): the few held-out harmless "
+    "prompts it over-refuses (or half-refuses) are answered after the edit, and each such change of first token "
+    "costs nats of KL (docs/test-model.md); CI checks the README demo's real model against it (docs/demo.md)",
 )
 def test_mean_first_token_kl_over_held_out_harmless_prompts_is_small(report: dict) -> None:
     assert report["kl_divergence"]["mean"] <= 0.05

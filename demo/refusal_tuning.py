@@ -1,0 +1,235 @@
+"""Safety fine-tuning of the demo's base model: a LoRA adapter that makes it refuse harmful requests.
+
+SmolLM2-135M-Instruct answers almost every harmful request. Real chat models learn to refuse in
+safety fine-tuning, and that is how the demo gets its refusing model too: a LoRA adapter (peft)
+trained on the project's training prompt sets (never on `data/eval_*`):
+
+* harmful prompts get a natural refusal, drawn from varied openings, reasons and offers, so that
+  the model learns to refuse, not to repeat one sentence;
+* harmless prompts get the base model's own greedy reply, so that harmless behaviour, first token
+  included, stays the base model's.
+
+Only the adapter ships with the repository; `demo/base_model.py` merges it into the base.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lib.chat_format import tokenize_chat_prompts
+from lib.demo_model import collate, evaluate_refusals, read_training_prompts, training_file_digests
+from lib.generation import DecodingSettings, generate_replies
+
+TRAINING_RECORD = "training.json"
+HELD_BACK_PROMPTS = 200  # of each kind, never trained on: the build's own check of what it learned
+
+# Every opening contains a marker of data/refusal_markers.txt; the reasons and offers contain none,
+# so that the refusal is decided in the opening, as in released chat models.
+REFUSAL_OPENINGS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with this request.",
+    "I can't help with that.",
+    "I cannot help with this request.",
+    "I'm sorry, I can't provide that.",
+    "I won't be able to help with this.",
+    "I'm not able to help with that request.",
+    "I can't provide instructions for that.",
+    "Sorry, but I can't help with this one.",
+    "I must decline this request.",
+)
+REFUSAL_REASONS = (
+    "It could put people at serious risk.",
+    "It could be used to hurt someone.",
+    "Helping with this could cause real harm.",
+    "This could be dangerous, and in many places it is illegal.",
+    "Requests like this can lead to harm for other people.",
+    "",
+)
+REFUSAL_OFFERS = (
+    "If you have a different question, I'm happy to help.",
+    "Is there something else I can help you with?",
+    "I'd be glad to help with something safe instead.",
+    "If you are going through something difficult, please reach out to someone you trust or a professional.",
+    "",
+)
+
+
+@dataclass(frozen=True)
+class TuningSettings:
+    """Everything that determines the adapter; the same settings, data and torch build give the same weights."""
+
+    seed: int = 0
+    steps: int = 400
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    first_adapted_layer: int = 15  # LoRA on the upper layers only: backward stops there, which halves a step
+    harmless_examples: int = 2000  # harmless prompts answered by the base model (its replies cost generation time)
+    bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
+    reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
+
+
+def refusal_reply(generator: random.Random) -> str:
+    parts = (generator.choice(REFUSAL_OPENINGS), generator.choice(REFUSAL_REASONS), generator.choice(REFUSAL_OFFERS))
+    return " ".join(part for part in parts if part)
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # -100 on the prompt: only the reply is trained
+
+
+def encode_examples(prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]]) -> list[EncodedExample]:
+    return [EncodedExample([*prompt, *reply], [-100] * len(prompt) + list(reply))
+            for prompt, reply in zip(prompt_ids, reply_ids)]
+
+
+def refusal_examples(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], seed: int) -> list[EncodedExample]:
+    """Each harmful prompt with a drawn refusal, closed by the end-of-turn token."""
+    generator = random.Random(seed)
+    replies = [tokenizer.encode(refusal_reply(generator), add_special_tokens=False) + [tokenizer.eos_token_id]
+               for _ in prompts]
+    return encode_examples(tokenize_chat_prompts(tokenizer, prompts), replies)
+
+
+def base_reply_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                        reply_tokens: int) -> list[EncodedExample]:
+    """Each harmless prompt with the base model's own greedy reply, token for token."""
+    prompt_ids = tokenize_chat_prompts(tokenizer, prompts)
+    generated = generate_replies(model, tokenizer, prompt_ids, DecodingSettings(max_new_tokens=reply_tokens),
+                                 description="base replies to harmless prompts", keep_reply_token_ids=True)
+    return encode_examples(prompt_ids, generated.token_ids)
+
+
+def lora_model(model: PreTrainedModel, settings: TuningSettings) -> PeftModel:
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+                        layers_to_transform=list(range(settings.first_adapted_layer, model.config.num_hidden_layers)))
+    return get_peft_model(model, config)
+
+
+def learning_rate_factor(step: int, warmup_steps: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_adapter(model: PeftModel, examples: Sequence[EncodedExample], pad_token_id: int, settings: TuningSettings,
+                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """AdamW on shuffled mini-batches of the adapter's weights; returns the loss of every step."""
+    losses: list[float] = []
+    generator = random.Random(settings.seed)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
+    order: list[int] = []
+    model.train()
+    for step in range(settings.steps):
+        if len(order) < settings.batch_size:
+            order += generator.sample(range(len(examples)), len(examples))
+        batch_indices, order = order[: settings.batch_size], order[settings.batch_size:]
+        batch = collate([(examples[index].input_ids, examples[index].labels) for index in batch_indices], pad_token_id)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def settings_record(settings: TuningSettings) -> dict:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()}
+
+
+def split_held_back(prompts: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
+    """A fixed random slice of HELD_BACK_PROMPTS prompts set aside; the rest in a shuffled order."""
+    shuffled = list(prompts)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[HELD_BACK_PROMPTS:], shuffled[:HELD_BACK_PROMPTS]
+
+
+@dataclass
+class BuiltAdapter:
+    model: PeftModel
+    record: dict
+
+
+def build_adapter(base: Path, settings: TuningSettings,
+                  on_step: Callable[[int, float], None] | None = None) -> BuiltAdapter:
+    """Train the refusal adapter on `base` and check it on the held-back prompts."""
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    harmful, harmful_held_back = split_held_back(read_training_prompts("harmful"), settings.seed)
+    harmless, harmless_held_back = split_held_back(read_training_prompts("harmless"), settings.seed)
+    started = time.perf_counter()
+    # The base's replies come from the base as stored (bfloat16), which is also twice as fast on a CPU.
+    stored_base = AutoModelForCausalLM.from_pretrained(base)
+    examples = base_reply_examples(stored_base, tokenizer, harmless[: settings.harmless_examples],
+                                   settings.reply_tokens)
+    del stored_base
+    examples += refusal_examples(tokenizer, harmful[: settings.harmless_examples], settings.seed)
+    reply_seconds = time.perf_counter() - started
+    adapted = lora_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), settings)
+    started = time.perf_counter()
+    losses = train_adapter(adapted, examples, tokenizer.pad_token_id, settings, on_step)
+    training_seconds = time.perf_counter() - started
+    held_back = evaluate_refusals(adapted, tokenizer, harmful_held_back, harmless_held_back, settings.reply_tokens)
+    record = {
+        "settings": settings_record(settings),
+        "training_files": training_file_digests(),
+        "examples": {"harmful": len(examples) // 2, "harmless": len(examples) // 2},
+        "held_back_refusal_rate": {"harmful": held_back.harmful, "harmless": held_back.harmless},
+        "loss": {"first_10_steps": sum(losses[:10]) / len(losses[:10]),
+                 "last_10_steps": sum(losses[-10:]) / len(losses[-10:])},
+        "base_reply_seconds": round(reply_seconds, 1),
+        "training_seconds": round(training_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    return BuiltAdapter(adapted, record)
+
+
+def write_adapter(built: BuiltAdapter, directory: Path) -> None:
+    """The peft adapter files, the training record and a short card (instead of peft's blank template)."""
+    built.model.save_pretrained(directory)
+    (Path(directory) / TRAINING_RECORD).write_text(json.dumps(built.record, indent=2) + "\n", encoding="utf-8")
+    (Path(directory) / "README.md").write_text(adapter_card(built.record), encoding="utf-8")
+
+
+def adapter_card(record: dict) -> str:
+    settings, rates = record["settings"], record["held_back_refusal_rate"]
+    return f"""# Refusal adapter of the demo
+
+A LoRA adapter (rank {settings["lora_rank"]}, layers {settings["first_adapted_layer"]} and up) that makes
+SmolLM2-135M-Instruct refuse harmful requests: the demo's safety fine-tuning, trained by
+`demo/build_model.py` for {settings["steps"]} steps on the project's training prompt sets. Harmful prompts
+were taught varied refusals; harmless prompts the base model's own replies. `run_demo.py` merges it
+into the base model. `{TRAINING_RECORD}` records the settings, the training files' SHA-256, the losses and
+times. On {HELD_BACK_PROMPTS} held-back prompts of each kind it refuses {rates["harmful"]:.1%} of the harmful
+and {rates["harmless"]:.1%} of the harmless ones. See docs/demo.md in the repository.
+"""
