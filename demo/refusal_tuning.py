@@ -14,7 +14,6 @@ Only the adapter ships with the repository; `demo/base_model.py` merges it into 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lib.chat_format import tokenize_chat_prompts
-from lib.demo_model import collate, evaluate_refusals, read_training_prompts, training_file_digests
+from lib.demo_model import (
+    collate,
+    evaluate_refusals,
+    learning_rate_factor,
+    read_training_prompts,
+    training_file_digests,
+)
 from lib.generation import DecodingSettings, generate_replies
 
 TRAINING_RECORD = "training.json"
@@ -122,14 +127,6 @@ def lora_model(model: PreTrainedModel, settings: TuningSettings) -> PeftModel:
                         target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
                         layers_to_transform=list(range(settings.first_adapted_layer, model.config.num_hidden_layers)))
     return get_peft_model(model, config)
-
-
-def learning_rate_factor(step: int, warmup_steps: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_adapter(model: PeftModel, examples: Sequence[EncodedExample], pad_token_id: int, settings: TuningSettings,

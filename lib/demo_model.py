@@ -237,11 +237,11 @@ def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def learning_rate_factor(step: int, settings: DemoSettings) -> float:
+def learning_rate_factor(step: int, warmup_steps: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -259,7 +259,7 @@ def train(
         model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, settings)
+        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps)
     )
     order: list[int] = []
     model.train()
