@@ -28,8 +28,8 @@ from tqdm import tqdm
 from demo.base_model import base_model_directory, default_cache_directory
 from demo.refusal_tuning import TuningSettings, build_adapter, write_adapter
 from lib.arguments import positive_float, positive_integer
-from lib.atomic import atomic_directory
-from lib.errors import UserError, run_cli
+from lib.atomic import atomic_directory, check_new_directory
+from lib.errors import run_cli
 
 DEFAULTS = TuningSettings()
 
@@ -61,10 +61,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    if arguments.output.exists():
-        raise UserError(f"--output {arguments.output}: already exists; pass a new directory name")
-    if not arguments.output.absolute().parent.is_dir():
-        raise UserError(f"--output {arguments.output}: parent directory does not exist")
+    check_new_directory(arguments.output, "--output")
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     settings = TuningSettings(seed=arguments.seed, steps=arguments.steps, batch_size=arguments.batch_size,

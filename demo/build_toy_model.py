@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from lib.arguments import positive_float, positive_integer
-from lib.atomic import atomic_directory
+from lib.atomic import atomic_directory, check_new_directory
 from lib.demo_model import (
     EVALUATION_FILES,
     DemoSettings,
@@ -129,17 +129,10 @@ def settings_from(arguments: argparse.Namespace) -> DemoSettings:
     )
 
 
-def check_output(path: Path) -> None:
-    if path.exists():
-        raise UserError(f"--output {path}: already exists; pass a new directory name")
-    if not path.absolute().parent.is_dir():
-        raise UserError(f"--output {path}: parent directory {path.absolute().parent} does not exist")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     settings = settings_from(arguments)
-    check_output(arguments.output)
+    check_new_directory(arguments.output, "--output")
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
 

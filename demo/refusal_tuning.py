@@ -28,10 +28,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from lib.chat_format import tokenize_chat_prompts
 from lib.demo_model import (
-    collate,
+    TrainingSchedule,
     evaluate_refusals,
-    learning_rate_factor,
     read_training_prompts,
+    run_training_steps,
     training_file_digests,
 )
 from lib.generation import DecodingSettings, generate_replies
@@ -132,31 +132,11 @@ def lora_model(model: PreTrainedModel, settings: TuningSettings) -> PeftModel:
 def train_adapter(model: PeftModel, examples: Sequence[EncodedExample], pad_token_id: int, settings: TuningSettings,
                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW on shuffled mini-batches of the adapter's weights; returns the loss of every step."""
-    losses: list[float] = []
-    generator = random.Random(settings.seed)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps))
-    order: list[int] = []
-    model.train()
-    for step in range(settings.steps):
-        if len(order) < settings.batch_size:
-            order += generator.sample(range(len(examples)), len(examples))
-        batch_indices, order = order[: settings.batch_size], order[settings.batch_size:]
-        batch = collate([(examples[index].input_ids, examples[index].labels) for index in batch_indices], pad_token_id)
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=settings.bfloat16_autocast):
-            loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
-    return losses
+    schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
+    encoded = [(example.input_ids, example.labels) for example in examples]
+    return run_training_steps(model, encoded, pad_token_id, optimizer, schedule, settings.bfloat16_autocast, on_step)
 
 
 def settings_record(settings: TuningSettings) -> dict:

@@ -38,6 +38,14 @@ def check_writable_destination(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: is a directory, expected a file path")
 
 
+def check_new_directory(path: Path, flag: str) -> None:
+    """Fail early, before any expensive work, when `path` exists or its parent does not."""
+    if path.exists():
+        raise UserError(f"{flag} {path}: already exists; pass a new directory name")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"{flag} {path}: parent directory {path.absolute().parent} does not exist")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on failure delete it.

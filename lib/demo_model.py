@@ -253,30 +253,62 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
     """AdamW on shuffled mini-batches (epochs without replacement), reproducible from the seed."""
-    generator = random.Random(settings.seed)
     encoded = [encode_example(tokenizer, example) for example in examples]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay
     )
+    schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
+    run_training_steps(model, encoded, tokenizer.pad_token_id, optimizer, schedule, on_step=on_step)
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    seed: int  # of the batch order
+    steps: int
+    batch_size: int
+    warmup_steps: int
+
+
+def run_training_steps(
+    model: torch.nn.Module,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    optimizer: torch.optim.Optimizer,
+    schedule: TrainingSchedule,
+    bfloat16_autocast: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """The training loop both demo models share: shuffled mini-batches of (ids, labels) pairs, epochs
+    without replacement, gradients clipped to norm 1, warm-up and cosine decay; returns every step's loss.
+
+    Only the parameters that require a gradient are clipped and stepped, so the same loop trains a whole
+    model or a LoRA adapter on a frozen one.
+    """
+    generator = random.Random(schedule.seed)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps)
+        optimizer, lambda step: learning_rate_factor(step, schedule.warmup_steps, schedule.steps)
     )
+    losses: list[float] = []
     order: list[int] = []
     model.train()
-    for step in range(settings.steps):
-        if len(order) < settings.batch_size:
+    for step in range(schedule.steps):
+        if len(order) < schedule.batch_size:
             order += generator.sample(range(len(encoded)), len(encoded))
-        batch_indices, order = order[: settings.batch_size], order[settings.batch_size :]
-        batch = collate([encoded[index] for index in batch_indices], tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        batch_indices, order = order[: schedule.batch_size], order[schedule.batch_size :]
+        batch = collate([encoded[index] for index in batch_indices], pad_token_id)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bfloat16_autocast):
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
+        losses.append(loss.item())
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, losses[-1])
     model.eval()
+    return losses
 
 
 def evaluate_refusals(

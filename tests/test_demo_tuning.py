@@ -7,6 +7,7 @@ examples through the adapter alone, leaving every base weight as it was.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,7 @@ def test_build_model_refuses_an_existing_output_before_any_work(tmp_path: Path, 
 
 def test_build_model_refuses_an_output_whose_parent_is_missing(tmp_path: Path, nothing_heavy) -> None:
     output = tmp_path / "missing" / "adapter"
-    with pytest.raises(UserError, match="parent directory does not exist"):
+    expected = f"--output {output}: parent directory {output.parent} does not exist"
+    with pytest.raises(UserError, match=re.escape(expected)):
         demo.build_model.main(["--output", str(output), "--cache-dir", str(tmp_path / "cache")])
     assert not (tmp_path / "cache").exists()
