@@ -6,8 +6,10 @@ trained on the project's training prompt sets (never on `data/eval_*`):
 
 * harmful prompts get a natural refusal, drawn from varied openings, reasons and offers, so that
   the model learns to refuse, not to repeat one sentence;
-* harmless prompts get the base model's own greedy reply, so that harmless behaviour, first token
-  included, stays the base model's.
+* harmless prompts get the base model's own greedy reply, and at every token of it the adapter is
+  trained towards the base model's whole next-token distribution (its most likely tokens), not just
+  the token it chose: so harmless behaviour, first-token probabilities included, stays the base
+  model's, and refusal is not left half-active on harmless requests that resemble harmful ones.
 
 Only the adapter ships with the repository; `demo/base_model.py` merges it into the base.
 """
@@ -17,18 +19,20 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lib.chat_format import tokenize_chat_prompts
 from lib.demo_model import (
     TrainingSchedule,
+    collate,
     evaluate_refusals,
     read_training_prompts,
     run_training_steps,
@@ -87,6 +91,7 @@ class TuningSettings:
     harmless_examples: int = 2000  # harmless prompts answered by the base model (its replies cost generation time)
     bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
     reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
+    teacher_top_k: int = 32  # harmless replies learn the base's distribution over its k likeliest tokens
 
 
 def refusal_reply(generator: random.Random) -> str:
@@ -95,9 +100,18 @@ def refusal_reply(generator: random.Random) -> str:
 
 
 @dataclass(frozen=True)
+class TeacherTargets:
+    """The base model's next-token distribution at each reply token, cut to its likeliest tokens."""
+
+    token_ids: torch.Tensor  # (reply tokens, top k)
+    probabilities: torch.Tensor  # (reply tokens, top k), renormalised to sum to 1 per reply token
+
+
+@dataclass(frozen=True)
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # -100 on the prompt: only the reply is trained
+    teacher: TeacherTargets | None = None  # when set, the reply learns these distributions, not its labels
 
 
 def encode_examples(prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]]) -> list[EncodedExample]:
@@ -122,6 +136,51 @@ def base_reply_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     return encode_examples(prompt_ids, generated.token_ids)
 
 
+def with_teacher_targets(model: PreTrainedModel, examples: Sequence[EncodedExample], pad_token_id: int,
+                         top_k: int, batch_size: int = 32) -> list[EncodedExample]:
+    """The examples with the model's top-k next-token distribution at every labelled position."""
+    taught: list[EncodedExample] = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(examples), batch_size), desc="base distributions", unit="batch",
+                          dynamic_ncols=True):
+            batch = examples[start : start + batch_size]
+            collated = collate([(example.input_ids, example.labels) for example in batch], pad_token_id)
+            logits = model(input_ids=collated["input_ids"], attention_mask=collated["attention_mask"]).logits
+            # The logits at position t predict the token at t + 1.
+            probabilities = torch.softmax(logits[:, :-1].float(), dim=-1)
+            for row, example in enumerate(batch):
+                positions = (collated["labels"][row, 1:] != -100).nonzero().squeeze(1)
+                top = probabilities[row, positions].topk(top_k, dim=-1)
+                targets = TeacherTargets(top.indices, top.values / top.values.sum(dim=-1, keepdim=True))
+                taught.append(replace(example, teacher=targets))
+    return taught
+
+
+def tuning_loss(examples: Sequence[EncodedExample],
+                pad_token_id: int) -> Callable[[torch.nn.Module, list[int]], torch.Tensor]:
+    """Mean per reply token of the cross-entropy against the label, or against the teacher's distribution."""
+
+    def batch_loss(model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        batch = [examples[index] for index in indices]
+        collated = collate([(example.input_ids, example.labels) for example in batch], pad_token_id)
+        logits = model(input_ids=collated["input_ids"], attention_mask=collated["attention_mask"]).logits
+        log_probabilities = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        labels = collated["labels"][:, 1:]
+        total, count = log_probabilities.new_zeros(()), 0
+        for row, example in enumerate(batch):
+            positions = (labels[row] != -100).nonzero().squeeze(1)
+            row_log_probabilities = log_probabilities[row, positions]
+            if example.teacher is None:
+                total = total - row_log_probabilities.gather(1, labels[row, positions, None]).sum()
+            else:
+                teacher = example.teacher
+                total = total - (teacher.probabilities * row_log_probabilities.gather(1, teacher.token_ids)).sum()
+            count += len(positions)
+        return total / count
+
+    return batch_loss
+
+
 def lora_model(model: PreTrainedModel, settings: TuningSettings) -> PeftModel:
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
@@ -135,8 +194,8 @@ def train_adapter(model: PeftModel, examples: Sequence[EncodedExample], pad_toke
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
-    encoded = [(example.input_ids, example.labels) for example in examples]
-    return run_training_steps(model, encoded, pad_token_id, optimizer, schedule, settings.bfloat16_autocast, on_step)
+    return run_training_steps(model, len(examples), tuning_loss(examples, pad_token_id), optimizer, schedule,
+                              settings.bfloat16_autocast, on_step)
 
 
 def settings_record(settings: TuningSettings) -> dict:
@@ -168,6 +227,8 @@ def build_adapter(base: Path, settings: TuningSettings,
     stored_base = AutoModelForCausalLM.from_pretrained(base)
     examples = base_reply_examples(stored_base, tokenizer, harmless[: settings.harmless_examples],
                                    settings.reply_tokens)
+    if settings.teacher_top_k:
+        examples = with_teacher_targets(stored_base, examples, tokenizer.pad_token_id, settings.teacher_top_k)
     del stored_base
     examples += refusal_examples(tokenizer, harmful[: settings.harmless_examples], settings.seed)
     reply_seconds = time.perf_counter() - started
@@ -205,7 +266,7 @@ def adapter_card(record: dict) -> str:
 A LoRA adapter (rank {settings["lora_rank"]}, layers {settings["first_adapted_layer"]} and up) that makes
 SmolLM2-135M-Instruct refuse harmful requests: the demo's safety fine-tuning, trained by
 `demo/build_model.py` for {settings["steps"]} steps on the project's training prompt sets. Harmful prompts
-were taught varied refusals; harmless prompts the base model's own replies. `run_demo.py` merges it
+were taught varied refusals; harmless prompts the base model's own replies and next-token distributions. `run_demo.py` merges it
 into the base model. `{TRAINING_RECORD}` records the settings, the training files' SHA-256, the losses and
 times. On {HELD_BACK_PROMPTS} held-back prompts of each kind it refuses {rates["harmful"]:.1%} of the harmful
 and {rates["harmless"]:.1%} of the harmless ones. See docs/demo.md in the repository.

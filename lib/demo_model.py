@@ -237,6 +237,17 @@ def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def next_token_loss(
+    encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int
+) -> Callable[[torch.nn.Module, list[int]], torch.Tensor]:
+    """The usual loss of a mini-batch of (ids, labels) pairs: cross-entropy on the labelled tokens."""
+
+    def batch_loss(model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        return model(**collate([encoded[index] for index in indices], pad_token_id)).loss
+
+    return batch_loss
+
+
 def learning_rate_factor(step: int, warmup_steps: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < warmup_steps:
@@ -258,7 +269,8 @@ def train(
         model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay
     )
     schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
-    run_training_steps(model, encoded, tokenizer.pad_token_id, optimizer, schedule, on_step=on_step)
+    run_training_steps(model, len(encoded), next_token_loss(encoded, tokenizer.pad_token_id), optimizer, schedule,
+                       on_step=on_step)
 
 
 @dataclass(frozen=True)
@@ -271,18 +283,18 @@ class TrainingSchedule:
 
 def run_training_steps(
     model: torch.nn.Module,
-    encoded: Sequence[tuple[list[int], list[int]]],
-    pad_token_id: int,
+    example_count: int,
+    batch_loss: Callable[[torch.nn.Module, list[int]], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     schedule: TrainingSchedule,
     bfloat16_autocast: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """The training loop both demo models share: shuffled mini-batches of (ids, labels) pairs, epochs
+    """The training loop both demo models share: shuffled mini-batches of example indices, epochs
     without replacement, gradients clipped to norm 1, warm-up and cosine decay; returns every step's loss.
 
-    Only the parameters that require a gradient are clipped and stepped, so the same loop trains a whole
-    model or a LoRA adapter on a frozen one.
+    `batch_loss(model, indices)` scores one mini-batch. Only the parameters that require a gradient are
+    clipped and stepped, so the same loop trains a whole model or a LoRA adapter on a frozen one.
     """
     generator = random.Random(schedule.seed)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -294,11 +306,10 @@ def run_training_steps(
     model.train()
     for step in range(schedule.steps):
         if len(order) < schedule.batch_size:
-            order += generator.sample(range(len(encoded)), len(encoded))
+            order += generator.sample(range(example_count), example_count)
         batch_indices, order = order[: schedule.batch_size], order[schedule.batch_size :]
-        batch = collate([encoded[index] for index in batch_indices], pad_token_id)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bfloat16_autocast):
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch_indices)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
