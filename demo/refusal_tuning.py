@@ -140,7 +140,7 @@ def with_teacher_targets(model: PreTrainedModel, examples: Sequence[EncodedExamp
                          top_k: int, batch_size: int = 32) -> list[EncodedExample]:
     """The examples with the model's top-k next-token distribution at every labelled position."""
     taught: list[EncodedExample] = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the targets enter the training loss, which autograd tracks
         for start in tqdm(range(0, len(examples), batch_size), desc="base distributions", unit="batch",
                           dynamic_ncols=True):
             batch = examples[start : start + batch_size]

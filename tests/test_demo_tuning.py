@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import demo.build_model
 from demo.refusal_tuning import (
+    TeacherTargets,
+    base_reply_examples,
+    tuning_loss,
+    with_teacher_targets,
     HELD_BACK_PROMPTS,
     REFUSAL_OFFERS,
     REFUSAL_OPENINGS,
@@ -29,7 +34,7 @@ from demo.refusal_tuning import (
     train_adapter,
 )
 from lib.chat_format import tokenize_chat_prompts
-from lib.demo_model import read_training_prompts
+from lib.demo_model import next_token_loss, read_training_prompts
 from lib.errors import UserError
 from lib.refusal_markers import load_refusal_detector
 
@@ -137,6 +142,37 @@ def test_train_adapter_learns_through_the_adapter_and_leaves_the_base_weights_al
     unloaded = adapted.unload().state_dict()
     assert set(unloaded) == set(base_weights)
     assert not [name for name in base_weights if not torch.equal(unloaded[name], base_weights[name])]
+
+
+def test_teacher_targets_are_the_models_own_next_token_distributions(tiny_model, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    examples = base_reply_examples(model, tokenizer, HARMFUL_PROMPTS[:3], reply_tokens=5)
+    taught = with_teacher_targets(model, examples, tokenizer.pad_token_id, top_k=4, batch_size=2)
+    for example, original in zip(taught, examples):
+        assert (example.input_ids, example.labels) == (original.input_ids, original.labels)
+        reply = [label for label in example.labels if label != -100]
+        teacher = example.teacher
+        assert teacher.token_ids.shape == teacher.probabilities.shape == (len(reply), 4)
+        assert torch.allclose(teacher.probabilities.sum(dim=1), torch.ones(len(reply)))
+        assert teacher.token_ids[:, 0].tolist() == reply  # the replies are greedy: the likeliest token
+
+
+def test_tuning_loss_with_one_hot_teachers_is_the_next_token_loss(tiny_model, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    examples = refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=0)
+    one_hot = [replace(example, teacher=TeacherTargets(
+        torch.tensor([[label] for label in example.labels if label != -100]),
+        torch.ones(sum(label != -100 for label in example.labels), 1))) for example in examples]
+    indices = list(range(len(examples)))
+    with torch.no_grad():
+        reference = next_token_loss([(example.input_ids, example.labels) for example in examples],
+                                    tokenizer.pad_token_id)(model, indices)
+        assert torch.allclose(tuning_loss(examples, tokenizer.pad_token_id)(model, indices), reference)
+        assert torch.allclose(tuning_loss(one_hot, tokenizer.pad_token_id)(model, indices), reference)
+        spread = [replace(example, teacher=TeacherTargets(torch.zeros_like(hot.teacher.token_ids),
+                                                          hot.teacher.probabilities)) for example, hot in
+                  zip(examples, one_hot)]
+        assert not torch.allclose(tuning_loss(spread, tokenizer.pad_token_id)(model, indices), reference)
 
 
 # ---- the command line ------------------------------------------------------------------------
