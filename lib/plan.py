@@ -29,6 +29,15 @@ ENTRY_KEYS = ("layer", "measurement", *OPTION_KEYS)
 EMBEDDING_KEYS = ("measurement", "scale", "sparsity", "projected", "norm_preserve", "invert")
 _LAYER_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
 
+# Where the direction is orthogonalised against a harmless mean (SPEC §4, projected direction):
+# not at all, at the measurement layer (what `measure.py --projected` bakes into a file), at each
+# edited layer, or at both in that order. `true` in a plan means "edited", as it always has.
+NOT_PROJECTED = "none"
+PROJECTED_AT_MEASUREMENT = "measurement"
+PROJECTED_AT_EDITED_LAYER = "edited"
+PROJECTED_AT_BOTH = "both"
+PROJECTION_CHOICES = (NOT_PROJECTED, PROJECTED_AT_MEASUREMENT, PROJECTED_AT_EDITED_LAYER, PROJECTED_AT_BOTH)
+
 
 @dataclass(frozen=True)
 class Options:
@@ -37,9 +46,17 @@ class Options:
     scale: float = 1.0  # the entry's own scale; the effective scale multiplies in the global one
     sparsity: float = 1.0
     components: frozenset[str] = DEFAULT_COMPONENTS
-    projected: bool = False
+    projected: str = NOT_PROJECTED  # one of PROJECTION_CHOICES
     norm_preserve: bool = False
     invert: bool = False
+
+    @property
+    def projected_at_measurement(self) -> bool:
+        return self.projected in (PROJECTED_AT_MEASUREMENT, PROJECTED_AT_BOTH)
+
+    @property
+    def projected_at_edited_layer(self) -> bool:
+        return self.projected in (PROJECTED_AT_EDITED_LAYER, PROJECTED_AT_BOTH)
 
 
 @dataclass(frozen=True)
@@ -69,9 +86,10 @@ class Plan:
         return -scale if entry.options.invert else scale
 
     def with_overrides(self, projected: bool = False, norm_preserve: bool = False, invert: bool = False) -> Plan:
-        """Command-line switches win over the YAML, for every entry."""
-        switched = {key: True for key, on in
-                    (("projected", projected), ("norm_preserve", norm_preserve), ("invert", invert)) if on}
+        """Command-line switches win over the YAML, for every entry (`projected`: at each edited layer)."""
+        switched: dict[str, Any] = {key: value for key, value, on in
+                                    (("projected", PROJECTED_AT_EDITED_LAYER, projected),
+                                     ("norm_preserve", True, norm_preserve), ("invert", True, invert)) if on}
         if not switched:
             return self
 
@@ -242,6 +260,18 @@ def _flag(value: Any, path: str, problems: _Problems, default: bool) -> bool:
     return value
 
 
+def _projection(value: Any, path: str, problems: _Problems) -> str:
+    if value is True:
+        return PROJECTED_AT_EDITED_LAYER
+    if value is False:
+        return NOT_PROJECTED
+    if value not in PROJECTION_CHOICES:
+        problems.add(path, f"must be one of {', '.join(PROJECTION_CHOICES)} (true means edited, false none), "
+                           f"got {value!r}")
+        return NOT_PROJECTED
+    return value
+
+
 def _components(value: Any, path: str, problems: _Problems) -> frozenset[str]:
     allowed = ", ".join(LAYER_COMPONENTS)
     if not isinstance(value, list) or not value:
@@ -263,7 +293,9 @@ def _options(mapping: dict, path: str, inherited: Options, problems: _Problems, 
         options = replace(options, sparsity=_sparsity(mapping["sparsity"], f"{where}sparsity", problems))
     if "components" in mapping:
         options = replace(options, components=_components(mapping["components"], f"{where}components", problems))
-    for key in ("projected", "norm_preserve", "invert"):
+    if "projected" in mapping:
+        options = replace(options, projected=_projection(mapping["projected"], f"{where}projected", problems))
+    for key in ("norm_preserve", "invert"):
         if key in mapping:
             options = replace(options, **{key: _flag(mapping[key], f"{where}{key}", problems, getattr(inherited, key))})
     return options

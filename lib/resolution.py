@@ -130,19 +130,21 @@ def _direction(
 ) -> tuple[torch.Tensor, str] | None:
     """The entry's prepared unit direction (measured, projected, sparsified) and how it was made."""
     label = _measurement_label(spec)
+    options = entry.options
     try:
-        direction = _measured_direction(spec, measurements)
-        if entry.options.projected:
-            harmless = measurements.layers.get(harmless_layer)
-            if harmless is None or harmless.harmless_mean is None:
-                problems.append(f"{entry.path}.projected: needs the harmless mean of layer {harmless_layer}, "
-                                "which the measurement file lacks")
-                return None
-            direction = orthogonalized(direction, harmless.harmless_mean)
+        direction = _measured_direction(spec, measurements, options.projected_at_measurement)
+        if options.projected_at_measurement:
+            label += ", projected against harmless at the measurement"
+        if options.projected_at_edited_layer:
+            direction = orthogonalized(direction, _harmless_mean(harmless_layer, measurements))
             label += f", projected against harmless {harmless_layer}"
-        if entry.options.sparsity < 1.0:
-            direction = sparsified(direction, entry.options.sparsity)
-            label += f", sparsity {entry.options.sparsity:g}"
+        if options.sparsity < 1.0:
+            direction = sparsified(direction, options.sparsity)
+            label += f", sparsity {options.sparsity:g}"
+    except _MissingHarmlessMean as missing:
+        problems.append(f"{entry.path}.projected: needs the harmless mean of layer {missing.layer}, "
+                        "which the measurement file lacks")
+        return None
     except _MissingMeasurement as missing:
         available = sorted(measurements.layers)
         problems.append(f"{entry.path}.measurement: the measurement file has no layer {missing.layer} "
@@ -152,6 +154,19 @@ def _direction(
         problems.append(f"{entry.path}: {error} after preparing it from {label}; choose another measurement")
         return None
     return direction, label
+
+
+def _harmless_mean(layer: int, measurements: Measurements) -> torch.Tensor:
+    measured = measurements.layers.get(layer)
+    if measured is None or measured.harmless_mean is None:
+        raise _MissingHarmlessMean(layer)
+    return measured.harmless_mean
+
+
+class _MissingHarmlessMean(Exception):
+    def __init__(self, layer: int) -> None:
+        super().__init__(layer)
+        self.layer = layer
 
 
 class _MissingMeasurement(Exception):
@@ -166,14 +181,17 @@ def _measurement_label(spec: MeasurementSpec) -> str:
     return f"measurement {spec:g}"
 
 
-def _measured_direction(spec: MeasurementSpec, measurements: Measurements) -> torch.Tensor:
+def _measured_direction(spec: MeasurementSpec, measurements: Measurements, projected: bool) -> torch.Tensor:
+    """The unit direction `spec` names; with `projected`, each measured layer's direction is first
+    orthogonalised against that layer's harmless mean (as `measure.py --projected` stores it)."""
     def measured(layer: int) -> torch.Tensor:
         if layer not in measurements.layers:
             raise _MissingMeasurement(layer)
-        return measurements.layers[layer].direction
+        direction = measurements.layers[layer].direction
+        return orthogonalized(direction, _harmless_mean(layer, measurements)) if projected else direction
 
     if isinstance(spec, tuple):
-        return mean_direction([_measured_direction(item, measurements) for item in spec])
+        return mean_direction([_measured_direction(item, measurements, projected) for item in spec])
     if isinstance(spec, float):
         lower = math.floor(spec)
         return interpolated(measured(lower), measured(lower + 1), spec - lower)

@@ -68,7 +68,7 @@ def test_the_valid_plan_runs(setup, capsys) -> None:
         (lambda plan: plan["ablate"][0].update(scale=float("nan")), ("ablate[0].scale", "finite number")),
         (lambda plan: plan["ablate"][0].update(components=["attention"]), ("ablate[0].components[0]", "attention_output")),
         (lambda plan: plan.update(components=["embeddings"]), ("components[0]", "top-level 'embeddings'")),
-        (lambda plan: plan.update(projected="yes please"), ("projected", "true or false")),
+        (lambda plan: plan.update(projected="yes please"), ("projected", "none, measurement, edited, both")),
         (lambda plan: plan["ablate"].append({"layer": 1}), ("ablate[1].layer", "already planned by ablate[0]")),
         (lambda plan: plan.update(ablate=[]), ("ablate", "is empty")),
         (lambda plan: plan.pop("output"), ("output", "required")),
@@ -212,9 +212,9 @@ def test_numbers_read_as_written(setup, entry: str, layers: tuple[int, ...], sca
 def test_yes_is_not_a_boolean(setup, capsys) -> None:
     """YAML 1.1's yes/no/on/off are plain words in YAML 1.2: a flag takes true or false."""
     plan, tmp_path = setup
-    (tmp_path / "plan.yml").write_text(plan_text(plan, "  - layer: 1\n    projected: yes\n"))
+    (tmp_path / "plan.yml").write_text(plan_text(plan, "  - layer: 1\n    norm_preserve: yes\n"))
     status, error, _ = run_ablate([str(tmp_path / "plan.yml")], capsys)
-    assert status == 2 and "ablate[0].projected: must be true or false, got 'yes'" in error
+    assert status == 2 and "ablate[0].norm_preserve: must be true or false, got 'yes'" in error
 
 
 def test_legacy_plan_format_is_accepted(setup, capsys) -> None:
