@@ -70,6 +70,21 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class LoadedName:
+    """Where transformers keeps a checkpoint tensor once it has loaded the model, where that differs.
+
+    transformers 5 stacks the routed experts' per-expert matrices into one parameter, expert first,
+    and renames some modules: a tensor whose name after `layers.{L}.` matches `suffix` is
+    `layers.{L}.{parameter}` in memory, indexed by the `expert` group when the pattern has one.
+    Only previews and search trials (lib/in_memory_edit.py) need this; the checkpoint's own names
+    are what sharded_ablate.py reads and writes.
+    """
+
+    suffix: str  # regular expression, matched in full
+    parameter: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     rules: tuple[TensorRule, ...]
@@ -80,6 +95,7 @@ class Family:
     text_config_key: str | None = None  # multimodal wrappers: the key of the text model's config
     # GPT-OSS original checkpoints store these fused expert tensors as MXFP4 `*_blocks`/`*_scales`.
     packed_expert_tensors: tuple[str, ...] = ()
+    loaded_names: tuple[LoadedName, ...] = ()
 
 
 def _linear_writer(
@@ -120,6 +136,7 @@ _GEMMA = Family(
 )
 
 _PER_EXPERT_DOWN_PROJ = _linear_writer(rf"mlp\.experts\.{_EXPERT}\.down_proj", MLP_OUTPUT, is_expert=True)
+_STACKED_DOWN_PROJ = LoadedName(rf"mlp\.experts\.{_EXPERT}\.down_proj\.weight", "mlp.experts.down_proj")
 
 _QWEN2_MOE = Family(
     "qwen2_moe",
@@ -135,12 +152,14 @@ _QWEN2_MOE = Family(
     ),
     expert_count_key="num_experts",
     shared_expert_in_moe_layers=True,
+    loaded_names=(_STACKED_DOWN_PROJ,),
 )
 
 _QWEN3_MOE = Family(
     "qwen3_moe",
     rules=(*_ATTENTION, *_DENSE_MLP, *_PER_EXPERT_DOWN_PROJ, _router(r"mlp\.gate", _PRE_MLP_NORM)),
     expert_count_key="num_experts",
+    loaded_names=(_STACKED_DOWN_PROJ,),
 )
 
 _MIXTRAL = Family(
@@ -151,6 +170,10 @@ _MIXTRAL = Family(
         _router(r"block_sparse_moe\.gate", _PRE_MLP_NORM),
     ),
     expert_count_key="num_local_experts",
+    loaded_names=(
+        LoadedName(rf"block_sparse_moe\.experts\.{_EXPERT}\.w2\.weight", "mlp.experts.down_proj"),
+        LoadedName(r"block_sparse_moe\.gate\.weight", "mlp.gate.weight"),
+    ),
 )
 
 _DEEPSEEK = Family(
@@ -164,6 +187,7 @@ _DEEPSEEK = Family(
     ),
     expert_count_key="n_routed_experts",
     shared_expert_in_moe_layers=True,
+    loaded_names=(_STACKED_DOWN_PROJ,),
 )
 
 _GPT_OSS = Family(
