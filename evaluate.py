@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from lib.arguments import non_negative_integer, positive_integer
+from lib.checkpoint import Checkpoint, open_checkpoint
 from lib.atomic import check_writable_destination
 from lib.chat_format import add_prompt_set_arguments, require_chat_template, tokenize_chat_prompts
-from lib.errors import run_cli
+from lib.errors import UserError, run_cli
 from lib.evaluation import (
     ABLATED,
     HARMFUL,
@@ -31,13 +35,18 @@ from lib.evaluation import (
     format_samples,
     format_table,
     score_model,
+    score_original_and_edit_in_memory,
     write_report,
 )
 from lib.generation import DecodingSettings
+from lib.in_memory_edit import InMemoryEditor
 from lib.loading import ModelLoadOptions, add_model_loading_arguments, check_weight_files, load_tokenizer
+from lib.measurements import load_measurements
 from lib.model_files import resolve_model_directory
+from lib.plan import load_plan
 from lib.prompts import DEFAULT_EVALUATION_HARMFUL_PROMPTS, DEFAULT_EVALUATION_HARMLESS_PROMPTS, load_prompts
 from lib.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
+from lib.resolution import Resolution, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGINAL",
         help="the original model: a local model directory or a hub id in the local cache",
     )
-    parser.add_argument(
+    edited = parser.add_mutually_exclusive_group()
+    edited.add_argument(
         "--ablated",
         "-a",
         default=None,
         metavar="EDITED",
         help="the edited model to compare with ORIGINAL (it must use the same tokenizer and chat template); "
-        "without it, only ORIGINAL is scored",
+        "without it (and without --plan), only ORIGINAL is scored",
+    )
+    edited.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        metavar="PLAN.yml",
+        help="preview a plan instead: apply PLAN.yml's edits to ORIGINAL in memory, exactly as "
+        "sharded_ablate.py would write them, and report as --ablated would on the written model; "
+        "nothing is written and ORIGINAL loads once (the plan's measurement file is used; its "
+        "model and output keys are not)",
     )
     parser.add_argument(
         "--harmful",
@@ -124,12 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything the user can get wrong is checked before the (slow) model loads.
     if arguments.json is not None:
         check_writable_destination(arguments.json, "--json")
+    if arguments.plan is not None and arguments.quantization:
+        raise UserError(f"--plan with {arguments.quantization_flag} {arguments.quantization}: a preview edits the "
+                        "loaded weights, which must not be quantised; drop the flag (or write the model with "
+                        "sharded_ablate.py and evaluate it with --ablated)")
     detector = load_refusal_detector(arguments.markers, "--markers")
     prompt_files = {HARMFUL: arguments.harmful, HARMLESS: arguments.harmless}
     prompts = {
         kind: load_prompts(path, f"--{kind}")[: arguments.max_prompts] for kind, path in prompt_files.items()
     }
     sources = [ModelSource(ORIGINAL, arguments.model, resolve_model_directory(arguments.model), "--model")]
+    preview = None if arguments.plan is None else plan_preview(arguments.plan, sources[0])
     if arguments.ablated is not None:
         directory = resolve_model_directory(arguments.ablated, "--ablated")
         sources.append(ModelSource(ABLATED, arguments.ablated, directory, "--ablated"))
@@ -159,10 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         system_prompt=arguments.system_prompt,
         use_chat_template=use_chat_template,
     )
-    scores = [
-        score_model(source, tokenizer, prompt_sets, detector, settings)
-        for source, tokenizer in zip(sources, tokenizers)
-    ]
+    if preview is None:
+        scores = [
+            score_model(source, tokenizer, prompt_sets, detector, settings)
+            for source, tokenizer in zip(sources, tokenizers)
+        ]
+    else:
+        scores = score_original_and_edit_in_memory(
+            sources[0], preview.source, preview.editor_for, preview.resolution, tokenizers[0], prompt_sets,
+            detector, settings,
+        )
     divergence = first_token_divergence(scores[0], scores[1]) if len(scores) == 2 else None
 
     print(format_table(scores, divergence))
@@ -173,6 +204,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(build_report(scores, divergence, prompt_sets, detector, settings), arguments.json)
         print(f"wrote {arguments.json}", file=sys.stderr)
     return 0
+
+
+@dataclass(frozen=True)
+class PlanPreview:
+    source: ModelSource
+    checkpoint: Checkpoint
+    resolution: Resolution
+
+    def editor_for(self, model: PreTrainedModel) -> InMemoryEditor:
+        return InMemoryEditor(model, self.checkpoint)
+
+
+def plan_preview(plan_path: Path, original: ModelSource) -> PlanPreview:
+    """The plan resolved against ORIGINAL's checkpoint, before any model loads: its errors come first."""
+    plan = load_plan(plan_path)
+    checkpoint = open_checkpoint(original.directory, "--model")
+    resolution = resolve(plan, checkpoint, load_measurements(plan.measurements))
+    print(f"previewing {plan_path}: {len(resolution.edits)} tensor edits applied to {original.name} in memory",
+          file=sys.stderr)
+    return PlanPreview(ModelSource(ABLATED, f"{original.name} + {plan_path}", original.directory, "--plan"),
+                       checkpoint, resolution)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,22 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import transformers
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib import __version__
 from lib.atomic import atomic_file
 from lib.divergence import DivergenceSummary, kl_divergence
 from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
+from lib.in_memory_edit import InMemoryEditor, edited_in_memory
 from lib.loading import ModelLoadOptions, load_config, load_model, quantization_description, text_config
 from lib.prompts import file_sha256
 from lib.refusal_markers import RefusalDetector, RefusalVerdict
+from lib.resolution import Resolution
 from lib.tokenizer_comparison import tokenizer_differences
 
 HARMFUL = "harmful"
@@ -136,27 +138,61 @@ def score_model(
     """Load one model, generate and judge its replies to every prompt set, then release it."""
     model = load_model(source.directory, settings.load_options, source.label)
     try:
-        scores = ModelScores(source, quantization_description(model), str(model.dtype).removeprefix("torch."))
-        for prompt_set in prompt_sets:
-            generated = generate_replies(
-                model,
-                tokenizer,
-                prompt_set.token_ids,
-                settings.decoding,
-                settings.batch_size,
-                description=f"{source.role}: {prompt_set.kind} prompts",
-                keep_first_token_log_probabilities=prompt_set.kind == HARMLESS,
-            )
-            scores.replies[prompt_set.kind] = [
-                ScoredReply(prompt, reply, detector.judge(reply))
-                for prompt, reply in zip(prompt_set.prompts, generated.replies)
-            ]
-            if prompt_set.kind == HARMLESS:
-                scores.harmless_first_token_log_probabilities = generated.first_token_log_probabilities
+        return score_loaded_model(model, source, tokenizer, prompt_sets, detector, settings)
     finally:
         del model  # the only reference: the weights can go before the next model loads
         release_cached_memory()
+
+
+def score_loaded_model(
+    model: PreTrainedModel,
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_sets: Sequence[PromptSet],
+    detector: RefusalDetector,
+    settings: EvaluationSettings,
+) -> ModelScores:
+    """Generate and judge the model's replies to every prompt set (harmless: first-token log-probabilities kept)."""
+    scores = ModelScores(source, quantization_description(model), str(model.dtype).removeprefix("torch."))
+    for prompt_set in prompt_sets:
+        generated = generate_replies(
+            model,
+            tokenizer,
+            prompt_set.token_ids,
+            settings.decoding,
+            settings.batch_size,
+            description=f"{source.role}: {prompt_set.kind} prompts",
+            keep_first_token_log_probabilities=prompt_set.kind == HARMLESS,
+        )
+        scores.replies[prompt_set.kind] = [
+            ScoredReply(prompt, reply, detector.judge(reply))
+            for prompt, reply in zip(prompt_set.prompts, generated.replies)
+        ]
+        if prompt_set.kind == HARMLESS:
+            scores.harmless_first_token_log_probabilities = generated.first_token_log_probabilities
     return scores
+
+
+def score_original_and_edit_in_memory(
+    original: ModelSource,
+    edited: ModelSource,
+    editor_for: Callable[[PreTrainedModel], InMemoryEditor],
+    resolution: Resolution,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_sets: Sequence[PromptSet],
+    detector: RefusalDetector,
+    settings: EvaluationSettings,
+) -> list[ModelScores]:
+    """Score the original, apply the resolved plan to it in memory, score again, undo: one model load."""
+    model = load_model(original.directory, settings.load_options, original.label)
+    try:
+        scores = [score_loaded_model(model, original, tokenizer, prompt_sets, detector, settings)]
+        with edited_in_memory(editor_for(model), resolution):
+            scores.append(score_loaded_model(model, edited, tokenizer, prompt_sets, detector, settings))
+        return scores
+    finally:
+        del model
+        release_cached_memory()
 
 
 def release_cached_memory() -> None:
