@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,8 +19,9 @@ import analyze
 from lib.charts import CHART_PIXELS
 from lib.errors import UserError, run_cli
 from lib.measurements import load_measurements
-from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
-from lib.signal_metrics import analyze_measurements
+from lib.plan import load_plan, parse_plan
+from lib.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, plan_yaml, suggest_plan
+from lib.signal_metrics import SignalReport, analyze_measurements
 from tests.conftest import FixtureFactory
 from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
@@ -156,6 +158,41 @@ def test_late_peak_is_ranked_but_not_used_for_measurement(tmp_path: Path) -> Non
     assert suggestion.measurement == 5
 
 
+def planted_suggestion(tmp_path: Path) -> tuple[SignalReport, PlanSuggestion]:
+    measurements = load_measurements(save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt"))
+    report = analyze_measurements(measurements)
+    return report, suggest_plan(report, measurements.num_layers)
+
+
+@pytest.mark.parametrize(
+    "edited_layers, runs, layer_value",
+    [
+        (EXPECTED_EDITED_LAYERS, [range(2, 8)], 'layer: "2-7"'),  # the heuristic's own run
+        ([1, 2, 3, 6, 8, 9], [range(1, 4), range(6, 7), range(8, 10)], "layer: 6\n"),
+        ([4], [range(4, 5)], "layer: 4\n"),
+    ],
+)
+def test_each_run_of_consecutive_edited_layers_is_one_plan_entry(
+    edited_layers: list[int], runs: list[range], layer_value: str, tmp_path: Path
+) -> None:
+    report, suggestion = planted_suggestion(tmp_path)
+    suggestion = dataclasses.replace(suggestion, edited_layers=edited_layers)
+    text = plan_yaml(
+        suggestion,
+        report,
+        len(MAGNITUDES) - 1,
+        model="/models/m",
+        measurements=tmp_path / "m.pt",
+        output="/models/m-ablated",
+    )
+    plan = parse_plan(yaml.safe_load(text), tmp_path / "plan.yml", text)
+    assert [entry.layer_ranges for entry in plan.entries] == [(run,) for run in runs]
+    assert all(entry.measurement == PEAK_LAYER for entry in plan.entries)
+    assert layer_value in text
+    for layer in edited_layers:  # every layer's alignment stays readable, as a comment
+        assert f"{layer}: {suggestion.alignment[layer]:.3g}" in text
+
+
 def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = save(
         planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True), tmp_path / "old.pt"
@@ -290,11 +327,12 @@ def test_suggested_plan_is_valid_commented_yaml(
     assert set(parsed) == {"model", "measurements", "output", "scale", "ablate"}
     assert Path(parsed["model"]) == model.resolve() and Path(parsed["measurements"]).is_file()
     assert Path(parsed["output"]).is_absolute() and parsed["scale"] == 1.0
-    # decoder layers 0, 1, 2 write residuals 1, 2, 3 (alignments 0.8, 1, 0.9); layer 3 writes 4 (0.2)
-    assert [entry["layer"] for entry in parsed["ablate"]] == [0, 1, 2]
-    for entry in parsed["ablate"]:
-        assert entry == {"layer": entry["layer"], "measurement": 2, "scale": 1.0, "sparsity": 1.0}
+    # decoder layers 0, 1, 2 write residuals 1, 2, 3 (alignments 0.8, 1, 0.9); layer 3 writes 4 (0.2):
+    # one run, so one entry with a range
+    assert parsed["ablate"] == [{"layer": "0-2", "measurement": 2, "scale": 1.0, "sparsity": 1.0}]
+    assert [entry.layer_ranges for entry in load_plan(plan).entries] == [(range(3),)]
     assert "score" in text and "separation S" in text and "cos >= 0.5" in text  # the numbers behind it
+    assert "0: 0.8, 1: 1, 2: 0.9" in text  # each edited layer's alignment, as a comment
     status, _, error = run_analyze(
         [
             str(tmp_path / "m.pt"),
