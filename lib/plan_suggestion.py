@@ -8,6 +8,7 @@ The heuristic (docs/analyze.md explains the why):
    direction measured at each layer's output keeps a cosine >= ALIGNMENT_THRESHOLD with the chosen one.
 Every edited layer uses the chosen direction at full strength (scale 1.0, sparsity 1.0); the plan
 writes each run of consecutive edited layers as one entry with a range (`layer: "2-7"`).
+The result is unverified: no forward pass checks it (search.py and evaluate.py --plan do).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ BEST_LAYER_COUNT = 3
 DEFAULT_SCALE = 1.0
 DEFAULT_SPARSITY = 1.0
 ALIGNMENTS_PER_COMMENT_LINE = 8
+# Said wherever a suggestion is shown: in the plan's header and in analyze.py's summary.
+UNVERIFIED_NOTE = (
+    "Unverified: a heuristic from the measurements alone, not checked with forward passes.",
+    "  python search.py --model MODEL --measurements M.pt --plan PLAN.yml --output EDITED_DIR",
+    "    finds a plan with forward passes and previews it;",
+    "  python evaluate.py --model MODEL --plan PLAN.yml previews a plan's effect without writing a model.",
+)
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,9 @@ def plan_yaml(
 ) -> str:
     """The plan as YAML text with comments giving the numbers behind each choice."""
     comments = [
-        f"Ablation plan suggested by analyze.py from {measurements.name}. A starting point: edit it,",
-        "check it with `python sharded_ablate.py PLAN.yml --dry-run`, then run it.",
+        f"Ablation plan suggested by analyze.py from {measurements.name}.",
+        *UNVERIFIED_NOTE,
+        "A starting point: edit it, check it with `python sharded_ablate.py PLAN.yml --dry-run`, run it.",
         "",
         *_explain_measurement(suggestion, report, num_layers),
         "",

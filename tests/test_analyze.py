@@ -37,6 +37,8 @@ PEAK_LAYER = 5
 MAGNITUDES = [0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0]
 ALIGNMENTS = [1.0, 0.1, 0.3, 0.55, 0.9, 1.0, 0.95, 0.7, 0.52, 0.4, 0.8, 0.9, 0.9]
 EXPECTED_EDITED_LAYERS = [2, 3, 4, 5, 6, 7]
+SEARCH_POINTER = "python search.py --model MODEL --measurements M.pt --plan PLAN.yml --output EDITED_DIR"
+EVALUATE_POINTER = "python evaluate.py --model MODEL --plan PLAN.yml"
 
 
 def run_analyze(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -295,14 +297,14 @@ def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
 
 def suggest_for_fixture(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> tuple[Path, Path]:
-    """A 4-layer llama fixture and a plan suggested from a matching synthetic file (peak at 2)."""
+) -> tuple[Path, Path, str]:
+    """A 4-layer llama fixture, a plan suggested from a matching synthetic file (peak at 2), stdout."""
     model = tiny_model("llama")
     measurements = save(
         planted_measurements([0.0, 2.0, 5.0, 3.0, 1.0], [1.0, 0.8, 1.0, 0.9, 0.2]), tmp_path / "m.pt"
     )
     plan = tmp_path / "plan.yml"
-    status, _, error = run_analyze(
+    status, printed, error = run_analyze(
         [
             str(measurements),
             "--suggest",
@@ -315,13 +317,13 @@ def suggest_for_fixture(
         capsys,
     )
     assert status == 0, error
-    return model, plan
+    return model, plan, printed
 
 
 def test_suggested_plan_is_valid_commented_yaml(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    model, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    model, plan, _ = suggest_for_fixture(tiny_model, tmp_path, capsys)
     text = plan.read_text()
     parsed = yaml.safe_load(text)
     assert set(parsed) == {"model", "measurements", "output", "scale", "ablate"}
@@ -348,10 +350,21 @@ def test_suggested_plan_is_valid_commented_yaml(
     assert status == 2 and "already exists" in error and plan.read_text() == text
 
 
+def test_suggestion_says_it_is_unverified_and_points_to_search(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _, plan, printed = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    header = [line.removeprefix("# ") for line in plan.read_text().splitlines() if line.startswith("#")]
+    for shown in ("\n".join(header), printed):
+        assert "Unverified: a heuristic from the measurements alone, not checked with forward passes" in shown
+        assert SEARCH_POINTER in shown and EVALUATE_POINTER in shown
+    assert printed.index("suggested: direction measured at layer 2") < printed.index("Unverified")
+
+
 def test_suggested_plan_passes_sharded_ablate_dry_run(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    _, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    _, plan, _ = suggest_for_fixture(tiny_model, tmp_path, capsys)
     result = subprocess.run(
         [sys.executable, "sharded_ablate.py", str(plan), "--dry-run"],
         cwd=REPOSITORY,
