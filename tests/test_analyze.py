@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from matplotlib import colors
 from matplotlib import image as matplotlib_image
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
 
 import analyze
-from lib.charts import CHART_PIXELS
+from lib.charts import CHART_PIXELS, analysis_figure
 from lib.errors import UserError, run_cli
 from lib.measurements import load_measurements
 from lib.plan import load_plan, parse_plan
@@ -243,6 +246,59 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert pixels.shape[:2] == (CHART_PIXELS[1], CHART_PIXELS[0])
     assert pixels[..., :3].std() > 0.05  # something was drawn
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+
+
+def drawn_chart(tmp_path: Path) -> Figure:
+    report, suggestion = planted_suggestion(tmp_path)
+    figure = analysis_figure(report, suggestion, "planted")
+    figure.canvas.draw()
+    return figure
+
+
+def test_chart_legends_never_cover_an_axes(tmp_path: Path) -> None:
+    figure = drawn_chart(tmp_path)
+    renderer = figure.canvas.get_renderer()
+    legends = [*figure.legends, *(legend for panel in figure.subfigs for legend in panel.legends)]
+    assert len(legends) == 7  # one per panel, and one key for the marks the panels share
+    assert len(figure.axes) == 8  # six panels, the separation's right axis, the heatmap's colour bar
+    # Each axes' tight box: its plotting area with the ticks, labels and title around it.
+    axes_boxes = [axes.get_tightbbox(renderer) for axes in figure.axes]
+    legend_boxes = [legend.get_window_extent(renderer) for legend in legends]
+    for box in legend_boxes:
+        assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1
+        assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1
+        assert not any(box.overlaps(axes_box) for axes_box in axes_boxes)
+    assert not any(
+        box.overlaps(other) for index, box in enumerate(legend_boxes) for other in legend_boxes[:index]
+    )
+
+
+def test_chart_shades_edited_layers_at_the_residuals_they_write_unlike_the_bars(tmp_path: Path) -> None:
+    figure = drawn_chart(tmp_path)
+    score_axes = next(axes for axes in figure.axes if axes.containers)
+    bars = [
+        bar for container in score_axes.containers if isinstance(container, BarContainer) for bar in container
+    ]
+    bar_colours = {
+        colors.to_rgba(colour) for bar in bars for colour in (bar.get_facecolor(), bar.get_edgecolor())
+    }
+    shadings = [patch for patch in score_axes.patches if patch not in bars]
+    assert len(bars) == len(MAGNITUDES) and len(shadings) == 2  # edited layers, not considered
+    # Hatched bands in colours no bar has: a shading cannot pass for a bar.
+    assert not any(bar.get_hatch() for bar in bars) and all(shading.get_hatch() for shading in shadings)
+    shading_colours = {
+        colors.to_rgba(c) for shading in shadings for c in (shading.get_facecolor(), shading.get_edgecolor())
+    }
+    assert shading_colours.isdisjoint(bar_colours)
+    spans = sorted(
+        tuple(shading.get_path().transformed(shading.get_patch_transform()).get_extents().intervalx)
+        for shading in shadings
+    )
+    # decoder layers 2..7 write residuals 3..8; residuals 10..12 lie beyond floor(0.8 * 12) = 9
+    assert spans == [pytest.approx((2.5, 8.5)), pytest.approx((9.5, 12.5))]
+    key = " ".join(text.get_text() for text in figure.legends[0].get_texts())
+    assert "edited decoder layers 2-7, shaded at the residuals 3-8 they write" in key
+    assert score_axes.get_xlabel().startswith("residual L: stream entering decoder layer L")
 
 
 def test_chart_on_a_full_disk_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
