@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lib.measurements import Measurements
-from lib.plan_suggestion import PlanSuggestion, best_layers
+from lib.plan import format_layers
+from lib.plan_suggestion import UNVERIFIED_NOTE, PlanSuggestion, best_layers
 from lib.signal_metrics import LayerSignal, SignalReport
 
 
@@ -63,11 +64,12 @@ def format_summary(report: SignalReport, suggestion: PlanSuggestion | None) -> s
     if not report.has_variances:
         lines.append("separation: n/a (the file has no harmful_var_L/harmless_var_L); the score omits it")
     if suggestion is not None:
-        first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
-        lines.append(
-            f"suggested: direction measured at layer {suggestion.measurement}, "
-            f"edit decoder layers {first}..{last} (write it with --suggest PLAN.yml --model DIR --output DIR)"
-        )
+        lines += [
+            f"suggested: direction measured at layer {suggestion.measurement}, edit decoder layers "
+            f"{format_layers(suggestion.edited_layers)} (write it with --suggest PLAN.yml --model DIR "
+            "--output DIR)",
+            *UNVERIFIED_NOTE,
+        ]
     return "\n".join(lines)
 
 

@@ -322,15 +322,23 @@ def format_layers(layers: Iterable[int]) -> str:
     return format_layer_ranges(range(layer, layer + 1) for layer in layers)
 
 
-def format_layer_ranges(ranges: Iterable[range]) -> str:
-    """Ranges of layers in the plan's syntax, merged where they touch: [range(1, 3), range(3, 4)] -> "1-3"."""
+def merge_layer_ranges(ranges: Iterable[range]) -> list[range]:
+    """The layers as contiguous runs, ascending, merged where they touch or overlap:
+    [range(3, 4), range(1, 3), range(7, 8)] -> [range(1, 4), range(7, 8)]."""
     spans: list[list[int]] = []  # [first, stop)
     for layers in sorted((layers for layers in ranges if layers), key=lambda layers: layers.start):
         if spans and layers.start <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], layers.stop)
         else:
             spans.append([layers.start, layers.stop])
-    return ", ".join(str(first) if stop == first + 1 else f"{first}-{stop - 1}" for first, stop in spans)
+    return [range(first, stop) for first, stop in spans]
+
+
+def format_layer_ranges(ranges: Iterable[range]) -> str:
+    """Ranges of layers in the plan's syntax, merged where they touch: [range(1, 3), range(3, 4)] -> "1-3"."""
+    return ", ".join(
+        str(run.start) if len(run) == 1 else f"{run.start}-{run.stop - 1}" for run in merge_layer_ranges(ranges)
+    )
 
 
 def layers_are(ranges: Sequence[range]) -> str:

@@ -6,7 +6,9 @@ The heuristic (docs/analyze.md explains the why):
 2. Edited decoder layers: decoder layer l writes the residual l + 1, so start from the layer that
    writes the chosen residual (measurement - 1) and grow a contiguous run, both ways, while the
    direction measured at each layer's output keeps a cosine >= ALIGNMENT_THRESHOLD with the chosen one.
-Every edited layer uses the chosen direction at full strength (scale 1.0, sparsity 1.0).
+Every edited layer uses the chosen direction at full strength (scale 1.0, sparsity 1.0); the plan
+writes each run of consecutive edited layers as one entry with a range (`layer: "2-7"`).
+The result is unverified: no forward pass checks it (search.py and evaluate.py --plan do).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from lib.atomic import atomic_file, check_writable_destination
 from lib.errors import UserError
 from lib.measurements import Measurements
+from lib.plan import format_layers, merge_layer_ranges
 from lib.signal_metrics import SignalReport
 
 # Arditi et al. (2024, "Refusal in language models is mediated by a single direction") discard
@@ -29,6 +32,14 @@ ALIGNMENT_THRESHOLD = 0.5
 BEST_LAYER_COUNT = 3
 DEFAULT_SCALE = 1.0
 DEFAULT_SPARSITY = 1.0
+ALIGNMENTS_PER_COMMENT_LINE = 8
+# Said wherever a suggestion is shown: in the plan's header and in analyze.py's summary.
+UNVERIFIED_NOTE = (
+    "Unverified: a heuristic from the measurements alone, not checked with forward passes.",
+    "  python search.py --model MODEL --measurements M.pt --plan PLAN.yml --output EDITED_DIR",
+    "    finds a plan with forward passes and previews it;",
+    "  python evaluate.py --model MODEL --plan PLAN.yml previews a plan's effect without writing a model.",
+)
 
 
 @dataclass(frozen=True)
@@ -145,12 +156,11 @@ def _explain_measurement(suggestion: PlanSuggestion, report: SignalReport, num_l
 
 
 def _explain_range(suggestion: PlanSuggestion) -> list[str]:
-    first, last = suggestion.edited_layers[0], suggestion.edited_layers[-1]
     lines = [
-        f"Edited decoder layers {first}..{last}: decoder layer l writes the residual l+1. Starting",
-        f"  from layer {suggestion.measurement - 1}, which writes the measured residual, the run grows both",
-        f"  ways while the direction measured at each layer's output keeps cos >= {ALIGNMENT_THRESHOLD}",
-        "  with the chosen one.",
+        f"Edited decoder layers {format_layers(suggestion.edited_layers)}: decoder layer l writes the "
+        f"residual l+1. Starting from layer {suggestion.measurement - 1},",
+        "  which writes the measured residual, the run grows both ways while the direction measured at",
+        f"  each layer's output keeps cos >= {ALIGNMENT_THRESHOLD} with the chosen one.",
     ]
     outside = [
         f"layer {layer} (cos {_number(suggestion.alignment[layer], 3)})"
@@ -172,8 +182,9 @@ def plan_yaml(
 ) -> str:
     """The plan as YAML text with comments giving the numbers behind each choice."""
     comments = [
-        f"Ablation plan suggested by analyze.py from {measurements.name}. A starting point: edit it,",
-        "check it with `python sharded_ablate.py PLAN.yml --dry-run`, then run it.",
+        f"Ablation plan suggested by analyze.py from {measurements.name}.",
+        *UNVERIFIED_NOTE,
+        "A starting point: edit it, check it with `python sharded_ablate.py PLAN.yml --dry-run`, run it.",
         "",
         *_explain_measurement(suggestion, report, num_layers),
         "",
@@ -190,15 +201,33 @@ def plan_yaml(
         f"scale: {DEFAULT_SCALE}  # global multiplier of every entry's scale",
         "ablate:",
     ]
-    for layer in suggestion.edited_layers:
-        alignment = _number(suggestion.alignment[layer], 3)
+    for run in merge_layer_ranges(range(layer, layer + 1) for layer in suggestion.edited_layers):
         lines += [
-            f"  - layer: {layer}  # cos(direction at its output, chosen) = {alignment}",
+            *_alignment_comments(run, suggestion.alignment),
+            f"  - layer: {_layer_value(run)}",
             f"    measurement: {suggestion.measurement}",
             f"    scale: {DEFAULT_SCALE}",
             f"    sparsity: {DEFAULT_SPARSITY}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _layer_value(run: range) -> str:
+    """A plan entry's `layer`: a number for one layer, a quoted inclusive range "A-B" for more."""
+    return str(run.start) if len(run) == 1 else json.dumps(format_layers(run))
+
+
+def _alignment_comments(run: range, alignment: dict[int, float | None]) -> list[str]:
+    """cos(direction at each layer's output, chosen direction), a few layers per comment line."""
+    figures = [f"{layer}: {_number(alignment[layer], 3)}" for layer in run]
+    rows = [
+        ", ".join(figures[start : start + ALIGNMENTS_PER_COMMENT_LINE])
+        for start in range(0, len(figures), ALIGNMENTS_PER_COMMENT_LINE)
+    ]
+    return [
+        "  # l: cos(direction at the output of decoder layer l, chosen direction)",
+        *(f"  #   {row}" for row in rows),
+    ]
 
 
 def check_plan_destination(path: Path) -> None:

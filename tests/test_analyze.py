@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,14 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from matplotlib import colors
 from matplotlib import image as matplotlib_image
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
 
 import analyze
-from lib.charts import CHART_PIXELS
+from lib.charts import CHART_PIXELS, analysis_figure
 from lib.errors import UserError, run_cli
 from lib.measurements import load_measurements
-from lib.plan_suggestion import ALIGNMENT_THRESHOLD, suggest_plan
-from lib.signal_metrics import analyze_measurements
+from lib.plan import load_plan, parse_plan
+from lib.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, plan_yaml, suggest_plan
+from lib.signal_metrics import SignalReport, analyze_measurements
 from tests.conftest import FixtureFactory
 from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
@@ -35,6 +40,8 @@ PEAK_LAYER = 5
 MAGNITUDES = [0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0]
 ALIGNMENTS = [1.0, 0.1, 0.3, 0.55, 0.9, 1.0, 0.95, 0.7, 0.52, 0.4, 0.8, 0.9, 0.9]
 EXPECTED_EDITED_LAYERS = [2, 3, 4, 5, 6, 7]
+SEARCH_POINTER = "python search.py --model MODEL --measurements M.pt --plan PLAN.yml --output EDITED_DIR"
+EVALUATE_POINTER = "python evaluate.py --model MODEL --plan PLAN.yml"
 
 
 def run_analyze(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -156,6 +163,41 @@ def test_late_peak_is_ranked_but_not_used_for_measurement(tmp_path: Path) -> Non
     assert suggestion.measurement == 5
 
 
+def planted_suggestion(tmp_path: Path) -> tuple[SignalReport, PlanSuggestion]:
+    measurements = load_measurements(save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt"))
+    report = analyze_measurements(measurements)
+    return report, suggest_plan(report, measurements.num_layers)
+
+
+@pytest.mark.parametrize(
+    "edited_layers, runs, layer_value",
+    [
+        (EXPECTED_EDITED_LAYERS, [range(2, 8)], 'layer: "2-7"'),  # the heuristic's own run
+        ([1, 2, 3, 6, 8, 9], [range(1, 4), range(6, 7), range(8, 10)], "layer: 6\n"),
+        ([4], [range(4, 5)], "layer: 4\n"),
+    ],
+)
+def test_each_run_of_consecutive_edited_layers_is_one_plan_entry(
+    edited_layers: list[int], runs: list[range], layer_value: str, tmp_path: Path
+) -> None:
+    report, suggestion = planted_suggestion(tmp_path)
+    suggestion = dataclasses.replace(suggestion, edited_layers=edited_layers)
+    text = plan_yaml(
+        suggestion,
+        report,
+        len(MAGNITUDES) - 1,
+        model="/models/m",
+        measurements=tmp_path / "m.pt",
+        output="/models/m-ablated",
+    )
+    plan = parse_plan(yaml.safe_load(text), tmp_path / "plan.yml", text)
+    assert [entry.layer_ranges for entry in plan.entries] == [(run,) for run in runs]
+    assert all(entry.measurement == PEAK_LAYER for entry in plan.entries)
+    assert layer_value in text
+    for layer in edited_layers:  # every layer's alignment stays readable, as a comment
+        assert f"{layer}: {suggestion.alignment[layer]:.3g}" in text
+
+
 def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = save(
         planted_measurements(MAGNITUDES, ALIGNMENTS, llm_abliteration_style=True), tmp_path / "old.pt"
@@ -204,6 +246,59 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     assert pixels.shape[:2] == (CHART_PIXELS[1], CHART_PIXELS[0])
     assert pixels[..., :3].std() > 0.05  # something was drawn
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+
+
+def drawn_chart(tmp_path: Path) -> Figure:
+    report, suggestion = planted_suggestion(tmp_path)
+    figure = analysis_figure(report, suggestion, "planted")
+    figure.canvas.draw()
+    return figure
+
+
+def test_chart_legends_never_cover_an_axes(tmp_path: Path) -> None:
+    figure = drawn_chart(tmp_path)
+    renderer = figure.canvas.get_renderer()
+    legends = [*figure.legends, *(legend for panel in figure.subfigs for legend in panel.legends)]
+    assert len(legends) == 7  # one per panel, and one key for the marks the panels share
+    assert len(figure.axes) == 8  # six panels, the separation's right axis, the heatmap's colour bar
+    # Each axes' tight box: its plotting area with the ticks, labels and title around it.
+    axes_boxes = [axes.get_tightbbox(renderer) for axes in figure.axes]
+    legend_boxes = [legend.get_window_extent(renderer) for legend in legends]
+    for box in legend_boxes:
+        assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1
+        assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1
+        assert not any(box.overlaps(axes_box) for axes_box in axes_boxes)
+    assert not any(
+        box.overlaps(other) for index, box in enumerate(legend_boxes) for other in legend_boxes[:index]
+    )
+
+
+def test_chart_shades_edited_layers_at_the_residuals_they_write_unlike_the_bars(tmp_path: Path) -> None:
+    figure = drawn_chart(tmp_path)
+    score_axes = next(axes for axes in figure.axes if axes.containers)
+    bars = [
+        bar for container in score_axes.containers if isinstance(container, BarContainer) for bar in container
+    ]
+    bar_colours = {
+        colors.to_rgba(colour) for bar in bars for colour in (bar.get_facecolor(), bar.get_edgecolor())
+    }
+    shadings = [patch for patch in score_axes.patches if patch not in bars]
+    assert len(bars) == len(MAGNITUDES) and len(shadings) == 2  # edited layers, not considered
+    # Hatched bands in colours no bar has: a shading cannot pass for a bar.
+    assert not any(bar.get_hatch() for bar in bars) and all(shading.get_hatch() for shading in shadings)
+    shading_colours = {
+        colors.to_rgba(c) for shading in shadings for c in (shading.get_facecolor(), shading.get_edgecolor())
+    }
+    assert shading_colours.isdisjoint(bar_colours)
+    spans = sorted(
+        tuple(shading.get_path().transformed(shading.get_patch_transform()).get_extents().intervalx)
+        for shading in shadings
+    )
+    # decoder layers 2..7 write residuals 3..8; residuals 10..12 lie beyond floor(0.8 * 12) = 9
+    assert spans == [pytest.approx((2.5, 8.5)), pytest.approx((9.5, 12.5))]
+    key = " ".join(text.get_text() for text in figure.legends[0].get_texts())
+    assert "edited decoder layers 2-7, shaded at the residuals 3-8 they write" in key
+    assert score_axes.get_xlabel().startswith("residual L: stream entering decoder layer L")
 
 
 def test_chart_on_a_full_disk_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -258,14 +353,14 @@ def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
 
 def suggest_for_fixture(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> tuple[Path, Path]:
-    """A 4-layer llama fixture and a plan suggested from a matching synthetic file (peak at 2)."""
+) -> tuple[Path, Path, str]:
+    """A 4-layer llama fixture, a plan suggested from a matching synthetic file (peak at 2), stdout."""
     model = tiny_model("llama")
     measurements = save(
         planted_measurements([0.0, 2.0, 5.0, 3.0, 1.0], [1.0, 0.8, 1.0, 0.9, 0.2]), tmp_path / "m.pt"
     )
     plan = tmp_path / "plan.yml"
-    status, _, error = run_analyze(
+    status, printed, error = run_analyze(
         [
             str(measurements),
             "--suggest",
@@ -278,23 +373,24 @@ def suggest_for_fixture(
         capsys,
     )
     assert status == 0, error
-    return model, plan
+    return model, plan, printed
 
 
 def test_suggested_plan_is_valid_commented_yaml(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    model, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    model, plan, _ = suggest_for_fixture(tiny_model, tmp_path, capsys)
     text = plan.read_text()
     parsed = yaml.safe_load(text)
     assert set(parsed) == {"model", "measurements", "output", "scale", "ablate"}
     assert Path(parsed["model"]) == model.resolve() and Path(parsed["measurements"]).is_file()
     assert Path(parsed["output"]).is_absolute() and parsed["scale"] == 1.0
-    # decoder layers 0, 1, 2 write residuals 1, 2, 3 (alignments 0.8, 1, 0.9); layer 3 writes 4 (0.2)
-    assert [entry["layer"] for entry in parsed["ablate"]] == [0, 1, 2]
-    for entry in parsed["ablate"]:
-        assert entry == {"layer": entry["layer"], "measurement": 2, "scale": 1.0, "sparsity": 1.0}
+    # decoder layers 0, 1, 2 write residuals 1, 2, 3 (alignments 0.8, 1, 0.9); layer 3 writes 4 (0.2):
+    # one run, so one entry with a range
+    assert parsed["ablate"] == [{"layer": "0-2", "measurement": 2, "scale": 1.0, "sparsity": 1.0}]
+    assert [entry.layer_ranges for entry in load_plan(plan).entries] == [(range(3),)]
     assert "score" in text and "separation S" in text and "cos >= 0.5" in text  # the numbers behind it
+    assert "0: 0.8, 1: 1, 2: 0.9" in text  # each edited layer's alignment, as a comment
     status, _, error = run_analyze(
         [
             str(tmp_path / "m.pt"),
@@ -310,10 +406,21 @@ def test_suggested_plan_is_valid_commented_yaml(
     assert status == 2 and "already exists" in error and plan.read_text() == text
 
 
+def test_suggestion_says_it_is_unverified_and_points_to_search(
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _, plan, printed = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    header = [line.removeprefix("# ") for line in plan.read_text().splitlines() if line.startswith("#")]
+    for shown in ("\n".join(header), printed):
+        assert "Unverified: a heuristic from the measurements alone, not checked with forward passes" in shown
+        assert SEARCH_POINTER in shown and EVALUATE_POINTER in shown
+    assert printed.index("suggested: direction measured at layer 2") < printed.index("Unverified")
+
+
 def test_suggested_plan_passes_sharded_ablate_dry_run(
     tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    _, plan = suggest_for_fixture(tiny_model, tmp_path, capsys)
+    _, plan, _ = suggest_for_fixture(tiny_model, tmp_path, capsys)
     result = subprocess.run(
         [sys.executable, "sharded_ablate.py", str(plan), "--dry-run"],
         cwd=REPOSITORY,
