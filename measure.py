@@ -31,7 +31,13 @@ from lib.loading import (
 from lib.measurements import estimated_file_bytes, save_measurements
 from lib.model_files import resolve_model_directory
 from lib.output_guard import check_free_space
-from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts
+from lib.prompts import (
+    DEFAULT_HARMFUL_PROMPTS,
+    DEFAULT_HARMLESS_PROMPTS,
+    SEARCH_HOLD_BACK_RULE,
+    load_prompts,
+    split_for_search,
+)
 from lib.refusal import measurement_meta, refusal_measurements
 from lib.residual_capture import measure_last_token_residuals
 
@@ -76,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prompt_set_arguments(parser)
     parser.add_argument(
+        "--use-all-prompts",
+        action="store_true",
+        help="measure on every prompt; by default one in five (chosen by a hash of the text) is held back "
+        "so that search.py can score plans on prompts the measurement never saw",
+    )
+    parser.add_argument(
         "--projected",
         action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
@@ -89,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything the user can get wrong is checked before the (slow) model load.
     check_writable_destination(arguments.output, "--output")
     prompt_files = {"harmful": arguments.data_harmful, "harmless": arguments.data_harmless}
-    prompts = {
-        name: load_prompts(path, f"--data-{name}")[: arguments.max_prompts]
-        for name, path in prompt_files.items()
-    }
+    loaded = {name: load_prompts(path, f"--data-{name}") for name, path in prompt_files.items()}
+    if not arguments.use_all_prompts:
+        loaded = {name: split_for_search(texts)[0] or texts for name, texts in loaded.items()}
+    prompts = {name: texts[: arguments.max_prompts] for name, texts in loaded.items()}
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
     tokenizer = load_tokenizer(model_directory, label)
@@ -124,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "chat_template": use_chat_template,
             "system_prompt": arguments.system_prompt,
             "max_prompts": arguments.max_prompts,
+            "held_back_for_search": None if arguments.use_all_prompts else SEARCH_HOLD_BACK_RULE,
             "batch_size": arguments.batch_size,
             "device_map": options.device_map,
         },

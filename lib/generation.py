@@ -168,6 +168,7 @@ def generate_replies(
     description: str = "replies",
     keep_first_token_log_probabilities: bool = False,
     keep_reply_token_ids: bool = False,
+    show_progress: bool = True,
 ) -> GeneratedReplies:
     """Generate a reply to each tokenised prompt, in batches of similar length padded on the left.
 
@@ -188,7 +189,8 @@ def generate_replies(
     total_steps = len(order) * settings.max_new_tokens
     with (
         torch.inference_mode(),
-        tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True) as progress,
+        tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True,
+             disable=not show_progress) as progress,
     ):
         start = 0
         while start < len(order):

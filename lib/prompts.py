@@ -27,6 +27,11 @@ DEFAULT_HARMLESS_PROMPTS = DATA_DIRECTORY / "harmless.txt"
 DEFAULT_EVALUATION_HARMFUL_PROMPTS = DATA_DIRECTORY / "eval_harmful.txt"
 DEFAULT_EVALUATION_HARMLESS_PROMPTS = DATA_DIRECTORY / "eval_harmless.txt"
 
+# One prompt in five of each measurement set, chosen by a hash of its text (so by content, not by
+# position or file order), is held back from measure.py for search.py to score plans on.
+SEARCH_HOLD_BACK_ONE_IN = 5
+SEARCH_HOLD_BACK_RULE = f"int(sha256(prompt)[:8], 16) % {SEARCH_HOLD_BACK_ONE_IN} == 0"
+
 OBJECT_FIELDS = ("text", "prompt", "instruction")
 TABLE_COLUMNS = ("text", "prompt")
 
@@ -171,3 +176,14 @@ def _quoted(names: tuple[str, ...]) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_held_back_for_search(prompt: str) -> bool:
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % SEARCH_HOLD_BACK_ONE_IN == 0
+
+
+def split_for_search(prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(prompts to measure on, prompts held back for search.py), each in file order."""
+    held_back = [is_held_back_for_search(prompt) for prompt in prompts]
+    return ([prompt for prompt, back in zip(prompts, held_back) if not back],
+            [prompt for prompt, back in zip(prompts, held_back) if back])

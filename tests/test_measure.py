@@ -13,6 +13,7 @@ from transformers.utils import logging as transformers_logging
 from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
 from lib.errors import UserError
 from lib.loading import decoder_layers
+from lib.prompts import SEARCH_HOLD_BACK_RULE, split_for_search
 from lib.measurements import load_measurements
 from lib.residual_capture import common_prefix_length, length_sorted_order, measure_last_token_residuals
 from tests.fixtures import build_prequantized_fixture
@@ -81,6 +82,22 @@ def test_means_equal_direct_forward_for_every_batch_size(
             direction = measured[f"refusenorm_{layer}"]
             assert cosine(direction, measured[f"refuse_{layer}"]) == pytest.approx(1.0, abs=1e-6)
             assert float(direction.norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_by_default_one_prompt_in_five_is_held_back_for_the_plan_search(tiny_model, tmp_path: Path) -> None:
+    directory = tiny_model("llama")
+    measured_prompts = {kind: split_for_search(prompts)[0] for kind, prompts in
+                        (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))}
+    held_back = {kind: split_for_search(prompts)[1] for kind, prompts in
+                 (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))}
+    assert all(held_back.values()) and all(measured_prompts.values())  # the fixture prompts exercise both sides
+    measured = run_measure(directory, tmp_path / "m.pt", tmp_path, hold_back=True)
+    assert measured["meta"]["prompt_counts"] == {kind: len(texts) for kind, texts in measured_prompts.items()}
+    assert measured["meta"]["held_back_for_search"] == SEARCH_HOLD_BACK_RULE
+    harmful = direct_last_token_residuals(directory, measured_prompts["harmful"])
+    harmless = direct_last_token_residuals(directory, measured_prompts["harmless"])
+    _assert_matches_direct(measured, harmful, harmless, "held back")
+    assert run_measure(directory, tmp_path / "all.pt", tmp_path)["meta"]["held_back_for_search"] is None
 
 
 def test_last_position_is_the_last_layer_output_before_the_final_norm(tiny_model, tmp_path: Path) -> None:
