@@ -7,10 +7,12 @@
    the cache (demo/base_model.py); nothing is downloaded from a model hub;
 2. the LoRA adapter in demo/adapter/ (its safety fine-tuning, trained by demo/build_model.py to
    refuse harmful requests) is merged into it once, also cached: this is "the original model";
-3. measure.py        -> measurements.pt
-4. analyze.py        -> chart.png and plan.yml (the suggested plan, used as written)
-5. sharded_ablate.py -> model-ablated/
-6. evaluate.py       -> report.json: refusal rates and KL divergence, original vs edited, on the
+3. measure.py        -> measurements.pt (one prompt in five held back for the search)
+4. analyze.py        -> chart.png and suggested-plan.yml (the free heuristic, for comparison)
+5. search.py         -> plan.yml, search.json, search.png: the plan found with forward passes on the
+   held-back prompts, starting from the suggestion, used as written
+6. sharded_ablate.py -> model-ablated/
+7. evaluate.py       -> report.json: refusal rates and KL divergence, original vs edited, on the
    held-out prompts; the summary checks it against the demo's targets (demo/check_report.py).
 
 Every stage runs as its own process with the same command a user would type, so the demo proves
@@ -35,13 +37,17 @@ from demo.check_report import check_targets
 from lib.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
+SEARCH_TRIALS = 30  # the demo's search budget: a few minutes on 2 CPU cores (docs/demo.md)
+ARTEFACTS = ("measurements.pt", "chart.png", "suggested-plan.yml", "plan.yml", "search.json", "search.png",
+             "report.json")
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run measure -> analyze -> ablate -> evaluate on the demo model.")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"),
-                        help="folder for every artefact: measurements.pt, chart.png, plan.yml, "
-                             "model-ablated/, report.json (default: demo-output); earlier results in it are replaced")
+                        help="folder for every artefact: measurements.pt, chart.png, suggested-plan.yml, "
+                             "plan.yml, search.json, search.png, model-ablated/, report.json (default: "
+                             "demo-output); earlier results in it are replaced")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_directory(),
                         help="where the converted base model and the merged demo model are kept between runs "
                              "(default: %(default)s; about 540 MB)")
@@ -71,7 +77,7 @@ def demo_model(arguments: argparse.Namespace) -> Path:
 
 
 def remove_previous_results(output_dir: Path) -> None:
-    for name in ("measurements.pt", "chart.png", "plan.yml", "report.json"):
+    for name in ARTEFACTS:
         (output_dir / name).unlink(missing_ok=True)
     shutil.rmtree(output_dir / "model-ablated", ignore_errors=True)
 
@@ -105,12 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     python = sys.executable
     run_stage("measure", [python, "measure.py", "--model", str(model), "--output", str(measurements)])
     run_stage("analyze", [python, "analyze.py", str(measurements), "--chart", str(output_dir / "chart.png"),
-                          "--suggest", str(plan), "--model", str(model), "--output", str(ablated)])
+                          "--suggest", str(output_dir / "suggested-plan.yml"), "--model", str(model),
+                          "--output", str(ablated)])
+    run_stage("search", [python, "search.py", "--model", str(model), "--measurements", str(measurements),
+                         "--plan", str(plan), "--output", str(ablated), "--trials", str(SEARCH_TRIALS),
+                         "--json", str(output_dir / "search.json"), "--chart", str(output_dir / "search.png")])
     run_stage("ablate", [python, "sharded_ablate.py", str(plan)])
     run_stage("evaluate", [python, "evaluate.py", "--model", str(model), "--ablated", str(ablated),
                            "--json", str(report)])
     print_summary(report, time.monotonic() - started)
-    print(f"\nartefacts in {output_dir}: measurements.pt, chart.png, plan.yml, model-ablated/, report.json")
+    print(f"\nartefacts in {output_dir}: {', '.join(ARTEFACTS)}, model-ablated/")
     print(f"the original model: {model}")
     return 0
 

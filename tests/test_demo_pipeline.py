@@ -2,7 +2,7 @@
 
 The README's demo runs the same script on a real pretrained model (fetched from the package registry,
 so CI runs it, not this offline suite). Guards the pipeline's defaults: the plan that analyze.py
-suggests, used without hand edits, must still remove the test model's refusals on held-out prompts
+finds (search.py), used without hand edits, must still remove the test model's refusals on held-out prompts
 without adding over-refusal.
 """
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from run_demo import main
-
-ARTEFACTS = ("measurements.pt", "chart.png", "plan.yml", "model-ablated/config.json", "report.json")
+from run_demo import ARTEFACTS, main
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,11 @@ def report(demo_output: Path) -> dict:
 
 
 def test_leaves_every_artefact_in_the_output_folder(demo_output: Path) -> None:
-    for artefact in ARTEFACTS:
+    for artefact in (*ARTEFACTS, "model-ablated/config.json"):
         assert (demo_output / artefact).is_file(), artefact
 
 
-def test_suggested_plan_removes_refusals_on_held_out_prompts(report: dict) -> None:
+def test_searched_plan_removes_refusals_on_held_out_prompts(report: dict) -> None:
     original, ablated = report["models"]["original"], report["models"]["ablated"]
     assert original["harmful"]["refusal_rate"] >= 0.90
     assert original["harmless"]["refusal_rate"] <= 0.10
