@@ -44,6 +44,16 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def preview_agreement(written: dict, preview: dict) -> str:
+    """evaluate.py --plan against --ablated on the written model: refusal counts and the KL."""
+    counts = {report_name: {kind: report["models"]["ablated"][kind]["refusals"] for kind in ("harmful", "harmless")}
+              for report_name, report in (("written", written), ("preview", preview))}
+    kl_written, kl_preview = written["kl_divergence"]["mean"], preview["kl_divergence"]["mean"]
+    return (f"preview vs written (suggested plan, held-out prompts): refusals {counts['preview']} vs "
+            f"{counts['written']}; mean KL {kl_preview:.6g} vs {kl_written:.6g} "
+            f"({abs(kl_preview - kl_written) / max(kl_written, 1e-12):.2%} apart)")
+
+
 def best_so_far(trials: list[dict], target: float) -> dict | None:
     done = [trial for trial in trials if trial["state"] == "COMPLETE"]
     if not done:
@@ -90,8 +100,10 @@ def main() -> None:
          "--output", str(written)])
 
     write_seconds = run(["sharded_ablate.py", str(suggested)])
-    evaluate_seconds = run(["evaluate.py", "--model", str(model), "--ablated", str(written)])
-    preview_seconds = run(["evaluate.py", "--model", str(model), "--plan", str(suggested)])
+    evaluate_seconds = run(["evaluate.py", "--model", str(model), "--ablated", str(written),
+                            "--json", str(WORK_DIRECTORY / "written.json")])
+    preview_seconds = run(["evaluate.py", "--model", str(model), "--plan", str(suggested),
+                           "--json", str(WORK_DIRECTORY / "preview.json")])
     search_seconds = run(["search.py", "--model", str(model), "--measurements", str(measurements), "--plan",
                           str(searched), "--output", str(WORK_DIRECTORY / "searched"), "--trials",
                           str(arguments.trials), "--json", str(WORK_DIRECTORY / "trials.json")])
@@ -108,6 +120,9 @@ def main() -> None:
     print(f"| preview: evaluate.py --plan | {preview_seconds:.1f} | {preview_seconds / per_trial:.1f}x |")
     print(f"| **one search.py trial** (mean) | **{per_trial:.2f}** | 1x |")
     print(f"| the whole search.py run ({len(report['trials'])} trials, model load included) | {search_seconds:.1f} | |")
+    print()
+    print(preview_agreement(*(json.loads((WORK_DIRECTORY / name).read_text()) for name in ("written.json",
+                                                                                            "preview.json"))))
     print()
     print("| minutes of trials | trials | chosen so far | harmful refused | harmless refused | KL mean |")
     print("| --- | --- | --- | --- | --- | --- |")

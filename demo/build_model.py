@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from demo.base_model import base_model_directory, default_cache_directory
 from demo.refusal_tuning import TuningSettings, build_adapter, write_adapter
-from lib.arguments import positive_float, positive_integer
+from lib.arguments import non_negative_integer, positive_float, positive_integer
 from lib.atomic import atomic_directory, check_new_directory
 from lib.errors import run_cli
 
@@ -54,6 +54,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--harmless-examples", type=positive_integer, default=DEFAULTS.harmless_examples,
                         help="harmless prompts answered by the base model to train on, and as many harmful "
                              "ones (default %(default)s)")
+    parser.add_argument("--teacher-top-k", type=non_negative_integer, default=DEFAULTS.teacher_top_k,
+                        help="harmless replies learn the base model's next-token distribution over its K "
+                             "likeliest tokens at every reply token; 0 trains on the reply's tokens alone "
+                             "(default %(default)s)")
     parser.add_argument("--threads", type=positive_integer, default=None,
                         help="CPU threads for torch (default: torch's own choice, usually all cores)")
     return parser.parse_args(argv)
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(arguments.threads)
     settings = TuningSettings(seed=arguments.seed, steps=arguments.steps, batch_size=arguments.batch_size,
                               learning_rate=arguments.learning_rate, lora_rank=arguments.rank,
-                              lora_alpha=2 * arguments.rank, harmless_examples=arguments.harmless_examples)
+                              lora_alpha=2 * arguments.rank, harmless_examples=arguments.harmless_examples,
+                              teacher_top_k=arguments.teacher_top_k)
     base = base_model_directory(arguments.cache_dir)
     with tqdm(total=settings.steps, desc="training", unit="step", dynamic_ncols=True) as progress:
 
