@@ -191,6 +191,7 @@ def search_settings(arguments: argparse.Namespace, checkpoint: Checkpoint, texts
         "dtype": arguments.dtype,
         "markers_sha256": file_sha256(arguments.markers),
         "seed": arguments.seed,
+        "refusal_target": arguments.refusal_target,
         "search_space": {"measurements": [space.measurements.start, space.measurements.stop - 1],
                          "layers": [0, space.num_layers - 1], "scale": list(SCALE_RANGE),
                          "components": list(space.component_groups)},
@@ -204,7 +205,7 @@ def open_study(arguments: argparse.Namespace, settings: dict, starting_points: l
     name = f"search-{Path(settings['model_directory']).name}-{digest}"
     try:
         existing = name in optuna.get_all_study_names(arguments.storage) if arguments.storage else False
-        study = optuna.create_study(storage=arguments.storage, study_name=name, sampler=make_sampler(arguments.seed),
+        study = optuna.create_study(storage=arguments.storage, study_name=name, sampler=make_sampler(arguments.seed, arguments.refusal_target),
                                     directions=["minimize", "minimize"], load_if_exists=True)
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as error:
         raise UserError(f"--storage {arguments.storage}: cannot be opened ({error})") from None
@@ -227,7 +228,7 @@ def write_outputs(arguments: argparse.Namespace, study: optuna.Study, scorer: Tr
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                       optuna.trial.TrialState.FAIL))
     outcome = SearchOutcome(arguments.model, arguments.measurements, arguments.output, scorer.original, trials,
-                            pareto_front(study), chosen, arguments.refusal_target, settings)
+                            pareto_front(finished), chosen, arguments.refusal_target, settings)
     write_text(plan_text(outcome), arguments.plan)
     print(f"wrote {arguments.plan}: trial {chosen.number}")
     print("\n".join(line.removeprefix("# ") for line in plan_text(outcome).splitlines()[2:6]))

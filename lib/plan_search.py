@@ -203,12 +203,20 @@ class PlanContext:
         return resolve(self.plan(trial_plan), self.checkpoint, self.measurements)
 
 
-def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(seed: int, refusal_target: float) -> optuna.samplers.BaseSampler:
     """Multivariate TPE: it models how the parameters act together (the scale that works depends on the
-    layers edited); `group` because the last layer's range depends on the first layer."""
+    layers edited); `group` because the last layer's range depends on the first layer. The refusal
+    target is a constraint, so that the sampler spends its trials where the chosen plan will come
+    from, not on the many edits that keep the refusals and so cost no KL."""
+
+    def refusal_above_target(trial: FrozenTrial) -> list[float]:
+        refused, prompts = trial.user_attrs.get("harmful_refused"), trial.user_attrs.get("harmful_prompts")
+        return [1.0] if refused is None else [refused / prompts - refusal_target]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True,
+                                          constraints_func=refusal_above_target)
 
 
 def run_trials(
@@ -268,9 +276,16 @@ def choose(trials: Sequence[FrozenTrial], refusal_target: float) -> FrozenTrial 
     return min(trials, key=lambda trial: (trial.values[HARMFUL_REFUSAL], trial.values[KL], trial.number))
 
 
-def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials no other trial beats on both objectives (Optuna's own), by ascending refusal."""
-    return sorted(study.best_trials, key=lambda trial: (trial.values[HARMFUL_REFUSAL], trial.values[KL], trial.number))
+def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Completed trials no other trial beats on both objectives, by ascending refusal (the refusal
+    target plays no part: the front shows the whole trade-off)."""
+    front = [trial for trial in trials if not any(_dominates(other, trial) for other in trials)]
+    return sorted(front, key=lambda trial: (trial.values[HARMFUL_REFUSAL], trial.values[KL], trial.number))
+
+
+def _dominates(first: FrozenTrial, second: FrozenTrial) -> bool:
+    return (all(a <= b for a, b in zip(first.values, second.values))
+            and any(a < b for a, b in zip(first.values, second.values)))
 
 
 def trial_plan_of(trial: FrozenTrial) -> TrialPlan:
