@@ -38,7 +38,7 @@ from lib.resolution import resolve
 from lib.safetensors_stream import return_freed_tensors_to_the_system
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Project refusal directions out of a model's weights, streaming its safetensors shards.",
         epilog="The plan format, every key and its default are described in docs/ablate.md.",
@@ -61,7 +61,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="for every entry, negate the scale: add the direction instead of removing it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the projection math runs (default: the GPU when one is present)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def compute_device(choice: str) -> torch.device:
@@ -73,7 +73,7 @@ def compute_device(choice: str) -> torch.device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     return_freed_tensors_to_the_system()
     device = compute_device(arguments.device)
     plan = load_plan(arguments.plan).with_overrides(arguments.projected, arguments.normpreserve, arguments.invert)

@@ -34,7 +34,7 @@ from lib.errors import run_cli
 DEFAULTS = TuningSettings()
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True,
                         help="adapter directory to create; must not exist yet (written atomically)")
@@ -60,11 +60,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default %(default)s)")
     parser.add_argument("--threads", type=positive_integer, default=None,
                         help="CPU threads for torch (default: torch's own choice, usually all cores)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     check_new_directory(arguments.output, "--output")
     if arguments.threads:
         torch.set_num_threads(arguments.threads)

@@ -44,7 +44,7 @@ from lib.errors import UserError, run_cli
 DEFAULTS = DemoSettings()
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -108,7 +108,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default="2MB",
         help="largest weight shard, as save_pretrained accepts it (default 2MB: a few shards)",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def settings_from(arguments: argparse.Namespace) -> DemoSettings:
@@ -130,7 +130,7 @@ def settings_from(arguments: argparse.Namespace) -> DemoSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     settings = settings_from(arguments)
     check_new_directory(arguments.output, "--output")
     if arguments.threads:
