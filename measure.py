@@ -13,24 +13,8 @@ from pathlib import Path
 
 from lib.arguments import non_negative_integer
 from lib.atomic import check_writable_destination
-from lib.chat_format import (
-    add_prompt_set_arguments,
-    pad_token_id_of,
-    require_chat_template,
-    tokenize_chat_prompts,
-)
+from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
 from lib.errors import run_cli
-from lib.loading import (
-    ModelLoadOptions,
-    add_model_loading_arguments,
-    load_config,
-    load_model,
-    load_tokenizer,
-    text_config,
-)
-from lib.measurements import estimated_file_bytes, save_measurements
-from lib.model_files import resolve_model_directory
-from lib.output_guard import check_free_space
 from lib.prompts import (
     DEFAULT_HARMFUL_PROMPTS,
     DEFAULT_HARMLESS_PROMPTS,
@@ -38,8 +22,8 @@ from lib.prompts import (
     load_prompts,
     split_for_search,
 )
-from lib.refusal import measurement_meta, refusal_measurements
-from lib.residual_capture import measure_last_token_residuals
+
+# Only light modules at the top: --help and usage errors answer before torch and transformers load.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measurements import save_measurements
+    from lib.model_files import resolve_model_directory
+    from lib.refusal import measurement_meta, refusal_measurements
+    from lib.residual_capture import measure_last_token_residuals
+
     # Everything the user can get wrong is checked before the (slow) model load.
     check_writable_destination(arguments.output, "--output")
     prompt_files = {"harmful": arguments.data_harmful, "harmless": arguments.data_harmless}
@@ -155,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_space(output: Path, model_directory: Path, label: str) -> None:
     """Stop before the model loads when the measurement file will not fit where it is to be written."""
+    from lib.loading import load_config, text_config
+    from lib.measurements import estimated_file_bytes
+    from lib.output_guard import check_free_space
+
     config = text_config(load_config(model_directory, label))
     check_free_space(output, estimated_file_bytes(config.num_hidden_layers, config.hidden_size), "--output")
 

@@ -12,30 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from tqdm import tqdm
-
-from lib.ablation import (
-    copy_non_weight_files,
-    edit_table,
-    non_weight_bytes,
-    non_weight_files,
-    output_config,
-    plan_output,
-    write_index,
-    write_plan_and_card,
-    write_weights,
-)
 from lib.atomic import atomic_directory, recover_interrupted
-from lib.checkpoint import open_checkpoint
 from lib.errors import UserError, run_cli, writing
-from lib.measurements import load_measurements
-from lib.output_guard import check_free_space, check_output_location, output_lock
-from lib.plan import load_plan
-from lib.resolution import resolve
-from lib.safetensors_stream import return_freed_tensors_to_the_system
+
+# Only light modules at the top: --help and usage errors answer before torch loads (main imports the rest).
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compute_device(choice: str) -> torch.device:
+    import torch
+
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     if choice == "auto":
@@ -74,6 +60,26 @@ def compute_device(choice: str) -> torch.device:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from lib.ablation import (
+        copy_non_weight_files,
+        edit_table,
+        non_weight_bytes,
+        non_weight_files,
+        output_config,
+        plan_output,
+        write_index,
+        write_plan_and_card,
+        write_weights,
+    )
+    from lib.checkpoint import open_checkpoint
+    from lib.measurements import load_measurements
+    from lib.output_guard import check_free_space, check_output_location, output_lock
+    from lib.plan import load_plan
+    from lib.resolution import resolve
+    from lib.safetensors_stream import return_freed_tensors_to_the_system
+
     return_freed_tensors_to_the_system()
     device = compute_device(arguments.device)
     plan = load_plan(arguments.plan).with_overrides(arguments.projected, arguments.normpreserve, arguments.invert)
