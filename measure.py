@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
     )
-    add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "-q"))
+    add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "--quant", "-q"))
     return parser
 
 
