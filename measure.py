@@ -82,13 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
-    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
-    from lib.measurements import save_measurements
-    from lib.model_files import resolve_model_directory
-    from lib.refusal import measurement_meta, refusal_measurements
-    from lib.residual_capture import measure_last_token_residuals
-
     # Everything the user can get wrong is checked before the (slow) model load.
     check_writable_destination(arguments.output, "--output")
     prompt_files = {"harmful": arguments.data_harmful, "harmless": arguments.data_harmless}
@@ -96,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.use_all_prompts:
         loaded = {name: split_for_search(texts)[0] or texts for name, texts in loaded.items()}
     prompts = {name: texts[: arguments.max_prompts] for name, texts in loaded.items()}
+    # The prompt files are checked; now the libraries the model needs (seconds to import).
+    from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measurements import save_measurements
+    from lib.model_files import resolve_model_directory
+    from lib.refusal import measurement_meta, refusal_measurements
+    from lib.residual_capture import measure_last_token_residuals
+
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
     tokenizer = load_tokenizer(model_directory, label)

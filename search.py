@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     check_arguments(arguments)
+    detector = load_refusal_detector(arguments.markers, "--markers")
     from tqdm import tqdm
 
     from lib.chat_format import require_chat_template, tokenize_chat_prompts
@@ -102,7 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lib.plan_suggestion import candidate_measurements, suggest_plan
     from lib.signal_metrics import analyze_measurements
 
-    detector = load_refusal_detector(arguments.markers, "--markers")
     measurements = load_measurements(arguments.measurements)
     checkpoint = open_checkpoint(arguments.model, "--model")
     context = PlanContext(checkpoint, measurements, arguments.model, arguments.measurements, arguments.plan,
