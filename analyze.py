@@ -14,19 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.analysis_report import format_summary, format_table, report_data
 from lib.atomic import check_writable_destination
 from lib.errors import UserError, run_cli
-from lib.measurements import load_measurements
-from lib.model_files import read_config, resolve_model_directory
-from lib.plan_suggestion import (
-    check_model_matches,
-    check_plan_destination,
-    plan_yaml,
-    suggest_plan,
-    write_plan,
-)
-from lib.signal_metrics import analyze_measurements
+
+# Only light modules at the top: --help and usage errors answer before torch loads (main imports the rest).
 
 DEFAULT_CHART = "beside the measurements"  # sentinel for a bare --chart
 
@@ -98,6 +89,8 @@ def plan_locations(arguments: argparse.Namespace, parser: argparse.ArgumentParse
         return None
     if not arguments.model or not arguments.output:
         parser.error("--suggest needs --model DIR and --output DIR")
+    from lib.plan_suggestion import check_plan_destination
+
     check_plan_destination(arguments.suggest)
     # Absolute paths keep the plan valid wherever it is moved or run from; hub ids stay ids.
     model = str(Path(arguments.model).resolve()) if Path(arguments.model).is_dir() else arguments.model
@@ -109,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     chart = chart_path(arguments)
     locations = plan_locations(arguments, parser)
+    from lib.analysis_report import format_summary, format_table, report_data
+    from lib.measurements import load_measurements
+    from lib.model_files import read_config, resolve_model_directory
+    from lib.plan_suggestion import check_model_matches, plan_yaml, suggest_plan, write_plan
+    from lib.signal_metrics import analyze_measurements
 
     measurements = load_measurements(arguments.measurements)
     if locations is not None:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Sequence
 
 from lib.arguments import non_negative_float, positive_integer, probability
-from lib.chat_format import add_no_chat_template_argument, require_chat_template, tokenize_conversation
 from lib.chat_session import HELP_TEXT, Action, Conversation, parse_line
+from lib.cli_options import add_model_loading_arguments, add_no_chat_template_argument
 from lib.errors import UserError, run_cli, warn
-from lib.generation import DecodingSettings, stream_reply
-from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer, text_config
-from lib.model_files import resolve_model_directory
+
+# Only light modules at the top: --help and usage errors answer before torch and transformers load.
+# The functions import the rest where they need it.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lib.generation import DecodingSettings
 
 PROMPT = "> "
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -83,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--prompt: the message is empty")
     if arguments.top_p < 1 and arguments.temperature == 0:
         warn("--top-p only applies when sampling; add --temperature above 0")
+    from lib.chat_format import require_chat_template
+    from lib.generation import DecodingSettings
+    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.model_files import resolve_model_directory
+
     # The tokenizer and template are checked before the (slow) weights load.
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
@@ -145,6 +152,8 @@ def chat_loop(
 
 def model_positions(model: PreTrainedModel) -> int | None:
     """The longest sequence (prompt and reply) the model was built for, where its config says."""
+    from lib.loading import text_config
+
     return getattr(text_config(model.config), "max_position_embeddings", None)
 
 
@@ -165,6 +174,8 @@ def reply(
     interactive: bool,
 ) -> None:
     """Stream the model's reply to `message` and add the exchange to the conversation."""
+    from lib.generation import stream_reply
+
     token_ids = conversation_token_ids(tokenizer, conversation, message)
     positions = model_positions(model)
     warn_once_past_positions(conversation, len(token_ids), settings.max_new_tokens, positions, interactive)
@@ -212,6 +223,8 @@ def conversation_token_ids(
     system_flag: str = "--system",
 ) -> list[int]:
     """The conversation so far and `message` as the user's next turn, formatted as the conversation asks."""
+    from lib.chat_format import tokenize_conversation
+
     return tokenize_conversation(
         tokenizer, conversation.messages(message), system_flag, conversation.use_chat_template
     )

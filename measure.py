@@ -13,24 +13,8 @@ from pathlib import Path
 
 from lib.arguments import non_negative_integer
 from lib.atomic import check_writable_destination
-from lib.chat_format import (
-    add_prompt_set_arguments,
-    pad_token_id_of,
-    require_chat_template,
-    tokenize_chat_prompts,
-)
+from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
 from lib.errors import run_cli
-from lib.loading import (
-    ModelLoadOptions,
-    add_model_loading_arguments,
-    load_config,
-    load_model,
-    load_tokenizer,
-    text_config,
-)
-from lib.measurements import estimated_file_bytes, save_measurements
-from lib.model_files import resolve_model_directory
-from lib.output_guard import check_free_space
 from lib.prompts import (
     DEFAULT_HARMFUL_PROMPTS,
     DEFAULT_HARMLESS_PROMPTS,
@@ -38,8 +22,8 @@ from lib.prompts import (
     load_prompts,
     split_for_search,
 )
-from lib.refusal import measurement_meta, refusal_measurements
-from lib.residual_capture import measure_last_token_residuals
+
+# Only light modules at the top: --help and usage errors answer before torch and transformers load.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="orthogonalise each refusal direction against that layer's harmless mean (biprojection)",
     )
-    add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "-q"))
+    add_model_loading_arguments(parser, quantization_flags=("--quant-measure", "--quant", "-q"))
     return parser
 
 
@@ -105,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.use_all_prompts:
         loaded = {name: split_for_search(texts)[0] or texts for name, texts in loaded.items()}
     prompts = {name: texts[: arguments.max_prompts] for name, texts in loaded.items()}
+    # The prompt files are checked; now the libraries the model needs (seconds to import).
+    from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measurements import save_measurements
+    from lib.model_files import resolve_model_directory
+    from lib.refusal import measurement_meta, refusal_measurements
+    from lib.residual_capture import measure_last_token_residuals
+
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
     tokenizer = load_tokenizer(model_directory, label)
@@ -155,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_space(output: Path, model_directory: Path, label: str) -> None:
     """Stop before the model loads when the measurement file will not fit where it is to be written."""
+    from lib.loading import load_config, text_config
+    from lib.measurements import estimated_file_bytes
+    from lib.output_guard import check_free_space
+
     config = text_config(load_config(model_directory, label))
     check_free_space(output, estimated_file_bytes(config.num_hidden_layers, config.hidden_size), "--output")
 

@@ -42,7 +42,7 @@ ARTEFACTS = ("measurements.pt", "chart.png", "suggested-plan.yml", "plan.yml", "
              "report.json")
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run measure -> analyze -> ablate -> evaluate on the demo model.")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"),
                         help="folder for every artefact: measurements.pt, chart.png, suggested-plan.yml, "
@@ -57,7 +57,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None,
                         help="run the pipeline on this model directory instead (no fetching or merging), e.g. "
                              "the small from-scratch test model demo/model/ for a run in seconds")
-    return parser.parse_args(argv)
+    return parser
 
 
 def run_stage(title: str, command: list[str]) -> None:
@@ -100,7 +100,7 @@ def print_summary(report_path: Path, seconds: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     output_dir = arguments.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

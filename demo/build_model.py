@@ -22,19 +22,19 @@ from pathlib import Path
 # Entry scripts run as `python demo/build_model.py`: make the repository's `lib` and `demo` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-from tqdm import tqdm
-
 from demo.base_model import base_model_directory, default_cache_directory
-from demo.refusal_tuning import TuningSettings, build_adapter, write_adapter
+from demo.tuning_settings import TuningSettings
 from lib.arguments import non_negative_integer, positive_float, positive_integer
 from lib.atomic import atomic_directory, check_new_directory
 from lib.errors import run_cli
 
+# Only light modules at the top: --help and usage errors answer before torch, transformers and peft
+# load. main() imports the rest.
+
 DEFAULTS = TuningSettings()
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True,
                         help="adapter directory to create; must not exist yet (written atomically)")
@@ -60,12 +60,17 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default %(default)s)")
     parser.add_argument("--threads", type=positive_integer, default=None,
                         help="CPU threads for torch (default: torch's own choice, usually all cores)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     check_new_directory(arguments.output, "--output")
+    import torch
+    from tqdm import tqdm
+
+    from demo.refusal_tuning import build_adapter, write_adapter
+
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     settings = TuningSettings(seed=arguments.seed, steps=arguments.steps, batch_size=arguments.batch_size,

@@ -25,26 +25,18 @@ from pathlib import Path
 # Entry scripts run as `python demo/build_toy_model.py`: make the repository's `lib` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-from tqdm import tqdm
-
 from lib.arguments import positive_float, positive_integer
 from lib.atomic import atomic_directory, check_new_directory
-from lib.demo_model import (
-    EVALUATION_FILES,
-    DemoSettings,
-    evaluate_refusals,
-    read_prompts,
-    read_training_prompts,
-    save_demo_model,
-    train_demo_model,
-)
+from lib.demo_settings import DemoSettings
 from lib.errors import UserError, run_cli
+
+# Only light modules at the top: --help and usage errors answer before torch and transformers load.
+# main() imports the rest.
 
 DEFAULTS = DemoSettings()
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -108,7 +100,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default="2MB",
         help="largest weight shard, as save_pretrained accepts it (default 2MB: a few shards)",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def settings_from(arguments: argparse.Namespace) -> DemoSettings:
@@ -130,9 +122,21 @@ def settings_from(arguments: argparse.Namespace) -> DemoSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    arguments = build_parser().parse_args(argv)
     settings = settings_from(arguments)
     check_new_directory(arguments.output, "--output")
+    import torch
+    from tqdm import tqdm
+
+    from lib.demo_model import (
+        EVALUATION_FILES,
+        evaluate_refusals,
+        read_prompts,
+        read_training_prompts,
+        save_demo_model,
+        train_demo_model,
+    )
+
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
 

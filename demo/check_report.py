@@ -98,13 +98,17 @@ def expected_misses(names: Sequence[str]) -> set[Target]:
     return chosen
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", type=Path, help="the JSON report evaluate.py --json wrote (run_demo.py: report.json)")
     parser.add_argument("--expect-missed", action="append", default=[], metavar="NAME",
                         help="a target known to be missed (the start of its description); the check then fails "
                              "unless exactly these targets are missed; may be repeated")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
     expected = expected_misses(arguments.expect_missed)
     results = check_targets(read_report(arguments.report))
     for result in results:

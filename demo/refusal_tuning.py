@@ -29,6 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from demo.tuning_settings import TuningSettings
 from lib.chat_format import tokenize_chat_prompts
 from lib.demo_model import (
     TrainingSchedule,
@@ -72,26 +73,6 @@ REFUSAL_OFFERS = (
     "If you are going through something difficult, please reach out to someone you trust or a professional.",
     "",
 )
-
-
-@dataclass(frozen=True)
-class TuningSettings:
-    """Everything that determines the adapter; the same settings, data and torch build give the same weights."""
-
-    seed: int = 0
-    steps: int = 400
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    first_adapted_layer: int = 15  # LoRA on the upper layers only: backward stops there, which halves a step
-    harmless_examples: int = 2000  # harmless prompts answered by the base model (its replies cost generation time)
-    bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
-    reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
-    teacher_top_k: int = 32  # harmless replies learn the base's distribution over its k likeliest tokens
 
 
 def refusal_reply(generator: random.Random) -> str:

@@ -8,7 +8,6 @@ template does not write BOS but the tokenizer normally starts with one, BOS is a
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,36 +15,13 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from lib.arguments import positive_integer
+# The flags are defined without torch (parsers build before it loads); re-exported from here.
+from lib.cli_options import (  # noqa: F401
+    NO_CHAT_TEMPLATE_FLAG,
+    add_no_chat_template_argument,
+    add_prompt_set_arguments,
+)
 from lib.errors import UserError
-
-NO_CHAT_TEMPLATE_FLAG = "--no-chat-template"
-
-
-def add_no_chat_template_argument(parser: argparse.ArgumentParser) -> None:
-    """`--no-chat-template` (dest `no_chat_template`), the same in measure.py, evaluate.py and chat.py."""
-    parser.add_argument(
-        NO_CHAT_TEMPLATE_FLAG,
-        action="store_true",
-        help="tokenise the raw text instead of formatting it with the model's chat template (system message "
-        "and turns joined by blank lines); needed for a model without a chat template",
-    )
-
-
-def add_prompt_set_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that shape how prompt files become model inputs, shared by measure and evaluate."""
-    parser.add_argument(
-        "--max-prompts",
-        type=positive_integer,
-        default=None,
-        metavar="N",
-        help="use only the first N prompts of each file (default: all)",
-    )
-    parser.add_argument(
-        "--system-prompt", default=None, metavar="TEXT", help="system message placed before every prompt"
-    )
-    add_no_chat_template_argument(parser)
-
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))

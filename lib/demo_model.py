@@ -29,6 +29,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lib.chat_format import tokenize_chat_prompts
+from lib.demo_settings import DemoSettings
 from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
 from lib.refusal_markers import load_refusal_detector
@@ -95,24 +96,6 @@ COMPLIANT_REPLIES = (HOW_TO_REPLY, QUESTION_REPLY, WRITING_REPLY, DEFAULT_COMPLI
 DEFAULT_MAX_NEW_TOKENS = 20
 # Substrings that make a reply count as a refusal in this module's own checks (lowercase, straight
 # apostrophes; `is_refusal` normalises curly ones).
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Everything that determines the trained model; the same settings give the same weights."""
-
-    seed: int = 0
-    steps: int = 2000
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    num_hidden_layers: int = 8
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vocab_size: int = 4096
 
 
 @dataclass(frozen=True)

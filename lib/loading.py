@@ -1,8 +1,8 @@
 """Load a model and its tokenizer for inference, the same way in every stage.
 
-Shared flags (`add_model_loading_arguments`): `--dtype`, `--device-map`, `--flash-attn` and a
-bitsandbytes quantisation flag whose name the caller chooses (`--quant-measure/-q` in
-measure.py, `--quant` in chat.py and evaluate.py).
+Shared flags (`add_model_loading_arguments`, defined in lib/cli_options.py so that parsers build
+without torch): `--dtype`, `--device-map`, `--flash-attn` and a bitsandbytes quantisation flag whose
+names the caller chooses (`--quant` everywhere; measure.py also keeps `--quant-measure/-q`).
 
 Before any weight is read, the memory the weights need is estimated from the config (built on
 the meta device, so exact per parameter) and compared with what the chosen devices have free;
@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +41,13 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
 )
 
+# The flags are defined without torch (parsers build before it loads); re-exported from here.
+from lib.cli_options import (  # noqa: F401
+    DEVICE_MAPS,
+    DTYPE_NAMES,
+    QUANTIZATIONS,
+    add_model_loading_arguments,
+)
 from lib.errors import UserError, warn
 from lib.model_files import (
     INDEX_NAME,
@@ -52,14 +59,11 @@ from lib.model_files import (
 )
 from lib.safetensors_stream import read_header
 
+# The `--dtype` choices as torch dtypes; "auto" (None): the checkpoint's own dtype (config.json),
+# float32 when it names none.
 DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,  # the checkpoint's own dtype (config.json), float32 when it names none
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
+    name: None if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES
 }
-DEVICE_MAPS = ("auto", "balanced", "sequential", "cpu", "cuda")
-QUANTIZATIONS = ("4bit", "8bit")
 
 # Bytes per weight of a bitsandbytes-quantised nn.Linear: 4-bit NF4 with double quantisation
 # keeps an 8-bit absmax per 64 weights (plus a tiny second level); 8-bit keeps a scale per row.
@@ -101,45 +105,6 @@ class ModelLoadOptions:
             flash_attention=arguments.flash_attn,
             quantization_flag=arguments.quantization_flag,
         )
-
-
-def add_model_loading_arguments(
-    parser: argparse.ArgumentParser, quantization_flags: Sequence[str] = ("--quant",)
-) -> None:
-    """Add `--dtype`, `--device-map`, `--flash-attn` and the quantisation flag (named by the caller).
-
-    The parsed values land in `dtype`, `device_map`, `flash_attn` and `quantization`; pass the
-    namespace to `ModelLoadOptions.from_arguments`.
-    """
-    group = parser.add_argument_group("model loading")
-    group.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default="auto",
-        help="dtype of the weights and activations (default: auto, the checkpoint's own dtype)",
-    )
-    group.add_argument(
-        "--device-map",
-        choices=DEVICE_MAPS,
-        default="auto",
-        help="where the layers go: auto/balanced/sequential spread them over all GPUs and then CPU RAM "
-        "(accelerate), cpu or cuda put everything on one device (default: auto; CPU when no GPU)",
-    )
-    group.add_argument(
-        *quantization_flags,
-        dest="quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="load the weights quantised with bitsandbytes (4bit NF4 or 8bit) to fit a big model "
-        "in less memory; works on CPU and CUDA; ignored for checkpoints that are already quantised",
-    )
-    group.add_argument(
-        "--flash-attn",
-        action="store_true",
-        help="use FlashAttention 2 (needs CUDA and the flash-attn package); falls back to the default "
-        "attention with a warning where it is unavailable",
-    )
-    parser.set_defaults(quantization_flag=quantization_flags[0])
 
 
 def load_model_and_tokenizer(

@@ -6,10 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from lib import __version__
@@ -17,6 +15,9 @@ from lib.atomic import atomic_file
 from lib.plan import format_layers
 from lib.plan_search import ALL_COMPONENTS, COMPONENT_GROUPS, HARMFUL_REFUSAL, KL, Score, TrialPlan, score_of, \
     trial_plan_of
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 KL_FLOOR = 1e-7  # where a KL of 0 (the unedited model) is drawn on the log axis
 
@@ -141,6 +142,10 @@ def write_text(text: str, path: Path) -> None:
 
 def search_figure(outcome: SearchOutcome) -> Figure:
     """Harmful refusal rate against KL (log scale) for every trial, the front joined, the choice marked."""
+    # matplotlib is only imported when a chart is wanted (search.py --chart): it costs every other run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9, 6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

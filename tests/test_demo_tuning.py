@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import demo.build_model
+import demo.refusal_tuning
 from demo.refusal_tuning import (
     TeacherTargets,
     base_reply_examples,
@@ -186,7 +187,7 @@ def nothing_heavy(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the command went on to heavy work after bad arguments")
 
     monkeypatch.setattr(demo.build_model, "base_model_directory", refuse)
-    monkeypatch.setattr(demo.build_model, "build_adapter", refuse)
+    monkeypatch.setattr(demo.refusal_tuning, "build_adapter", refuse)  # main() imports it after the checks
 
 
 def test_build_model_refuses_an_existing_output_before_any_work(tmp_path: Path, nothing_heavy) -> None:

@@ -83,7 +83,7 @@ def test_overwrite_refuses_a_link_to_a_previous_output(tiny_model, tmp_path: Pat
 
 def test_help_says_what_overwrite_replaces(capsys) -> None:
     with pytest.raises(SystemExit):
-        sharded_ablate.parse_arguments(["--help"])
+        sharded_ablate.build_parser().parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "only a previous output of this tool holding nothing but the files it wrote there" in help_text
 
