@@ -185,6 +185,7 @@ def test_other_weight_formats_are_not_copied_and_the_card_keeps_the_original(tin
     assert "not copied (weights in another format): original" in output_text
 
 
+@pytest.mark.slow  # sharded_ablate.py as its own process: seconds; in-process failing runs are in the fast tier
 def test_a_failing_run_exits_2_with_one_line_from_a_real_process(tiny_model, tmp_path: Path) -> None:
     plan = make_plan(tmp_path, tiny_model("llama"), ablate=[{"layer": 1, "sparsity": 0}])
     result = subprocess.run([sys.executable, "sharded_ablate.py", str(plan)], cwd=REPOSITORY_ROOT,
@@ -194,6 +195,7 @@ def test_a_failing_run_exits_2_with_one_line_from_a_real_process(tiny_model, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a 150 MB model and two sharded_ablate.py processes
 def test_killing_the_process_mid_run_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
     # A large embedding (about 150 MB, edited) keeps the run writing for a while after it starts.
     source = build_fixture("llama", tmp_path / "big", num_hidden_layers=DEFAULT_NUM_LAYERS, vocab_size=600_000)

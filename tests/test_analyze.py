@@ -28,6 +28,7 @@ from lib.signal_metrics import SignalReport, analyze_measurements
 from tests.conftest import FixtureFactory
 from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
+from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -217,6 +218,7 @@ def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.Captur
     assert data["direction_cosines"][PEAK_LAYER][PEAK_LAYER] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # its own python process (no display, pyplot never imported): seconds
 def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path) -> None:
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
     # An interactive backend and no display: any attempt to open a window would fail, and pyplot
@@ -240,12 +242,26 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    chart = tmp_path / "m.png"  # default: beside the measurements
+    assert_documented_chart_beside_the_measurements(tmp_path)
+
+
+def assert_documented_chart_beside_the_measurements(directory: Path) -> None:
+    chart = directory / "m.png"  # default: beside the measurements
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     pixels = matplotlib_image.imread(chart)
     assert pixels.shape[:2] == (CHART_PIXELS[1], CHART_PIXELS[0])
     assert pixels[..., :3].std() > 0.05  # something was drawn
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+    assert sorted(entry.name for entry in directory.iterdir()) == ["m.png", "m.pt"]  # no temporary left
+
+
+def test_chart_written_in_process_is_a_png_of_the_documented_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The quick variant of the test above, for the fast tier: the same chart, without its own process."""
+    path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
+    status, _, error = run_analyze([str(path), "--chart"], capsys)
+    assert status == 0, error
+    assert_documented_chart_beside_the_measurements(tmp_path)
 
 
 def drawn_chart(tmp_path: Path) -> Figure:
@@ -314,6 +330,7 @@ def test_chart_on_a_full_disk_is_one_line_naming_it(tmp_path: Path, capsys: pyte
         assert list(small.iterdir()) == []  # no partial chart, no temporary
 
 
+@pytest.mark.slow  # analyze.py as its own process: seconds
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     """`analyze.py --json | head` once head has read enough: no BrokenPipeError traceback."""
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
@@ -329,6 +346,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert error == b""
 
 
+@pytest.mark.slow  # its own python process (pyplot): seconds
 def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
     environment = {**os.environ, "MPLBACKEND": "Agg"}  # non-interactive: show() returns at once
@@ -417,18 +435,13 @@ def test_suggestion_says_it_is_unverified_and_points_to_search(
     assert printed.index("suggested: direction measured at layer 2") < printed.index("Unverified")
 
 
+@IN_PROCESS_AND_AS_A_PROCESS
 def test_suggested_plan_passes_sharded_ablate_dry_run(
-    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_model: FixtureFactory, tmp_path: Path, capsys: pytest.CaptureFixture, as_a_process: bool
 ) -> None:
     _, plan, _ = suggest_for_fixture(tiny_model, tmp_path, capsys)
-    result = subprocess.run(
-        [sys.executable, "sharded_ablate.py", str(plan), "--dry-run"],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script("sharded_ablate", [str(plan), "--dry-run"], capsys, as_a_process=as_a_process)
+    assert result.status == 0, result.err
     assert not (tmp_path / "ablated").exists()
 
 

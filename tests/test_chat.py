@@ -215,6 +215,7 @@ class PseudoTerminalSession:
         os.close(self.terminal)
 
 
+@pytest.mark.slow  # chat.py as its own process; the conversation's logic is tested in-process above
 def test_interactive_session_on_a_pseudo_terminal(tiny_model) -> None:
     session = PseudoTerminalSession(["--model", str(tiny_model("llama")), "--max-new-tokens", "5"])
     try:

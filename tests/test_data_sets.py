@@ -93,6 +93,7 @@ def word_similarity(first_words: list[str], second_words: list[str]) -> float:
     return matcher.ratio() if matcher.quick_ratio() > NEAR_COPY_RATIO else 0.0
 
 
+@pytest.mark.slow  # every eval prompt against some 11,000 training prompts: seconds
 @pytest.mark.parametrize("evaluation_file", EVALUATION_FILES)
 def test_no_eval_prompt_is_a_reworded_training_prompt(evaluation_file: str) -> None:
     training_words = [normalise(prompt).split() for name in TRAINING_FILES for prompt in read_prompts(name)]

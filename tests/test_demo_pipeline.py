@@ -14,6 +14,8 @@ import pytest
 
 from run_demo import ARTEFACTS, main
 
+pytestmark = pytest.mark.slow  # every test reads the one demo run (each stage a process): minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def demo_output(shipped_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

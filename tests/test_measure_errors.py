@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,7 @@ from lib.errors import run_cli
 from measure import main
 from tests.fixtures import DAMAGES, build_config, build_tokenizer, copy_without_chat_template, damaged_copy
 from tests.measure_helpers import run_measure, write_prompt_files
-
-REPOSITORY = Path(__file__).resolve().parent.parent
+from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 
 
 def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
@@ -169,10 +166,10 @@ def test_flash_attention_falls_back_with_a_warning(capsys, tiny_model, workspace
     assert "warning: --flash-attn:" in capsys.readouterr().err
 
 
-def test_script_help_and_exit_status(workspace: Path) -> None:
-    help_text = subprocess.run(
-        [sys.executable, "measure.py", "--help"], cwd=REPOSITORY, capture_output=True, text=True, check=True
-    ).stdout
+@IN_PROCESS_AND_AS_A_PROCESS
+def test_script_help_and_exit_status(workspace: Path, capsys: pytest.CaptureFixture, as_a_process: bool) -> None:
+    help_run = run_script("measure", ["--help"], capsys, as_a_process=as_a_process)
+    assert help_run.status == 0
     for flag in (
         "--model",
         "-m",
@@ -191,12 +188,6 @@ def test_script_help_and_exit_status(workspace: Path) -> None:
         "--system-prompt",
         "--no-chat-template",
     ):
-        assert flag in help_text
-    failed = subprocess.run(
-        [sys.executable, "measure.py", *_arguments(workspace, workspace / "absent")],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert failed.returncode == 2 and failed.stderr.startswith("error: --model ") and _no_output(workspace)
+        assert flag in help_run.out
+    failed = run_script("measure", _arguments(workspace, workspace / "absent"), capsys, as_a_process=as_a_process)
+    assert failed.status == 2 and failed.err.startswith("error: --model ") and _no_output(workspace)

@@ -32,6 +32,7 @@ from lib.plan_search import (
 from lib.resolution import Resolution
 from tests.ablate_helpers import run_ablate, write_measurements
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -100,10 +101,14 @@ def _frozen(number: int, refusal: float, kl: float) -> optuna.trial.FrozenTrial:
 
 @pytest.fixture(scope="module")
 def measured_demo(shipped_demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy model measured on the first 64 prompts of each set, in about a fifth of the full sets'
+    time: these searches test what search.py writes and how it resumes, which no test here ties to the
+    quality of the directions."""
     import measure
 
     path = tmp_path_factory.mktemp("search-measure") / "m.pt"
-    assert measure.main(["--model", str(shipped_demo_model), "--output", str(path)]) == 0
+    arguments = ["--model", str(shipped_demo_model), "--output", str(path), "--max-prompts", "64"]
+    assert measure.main(arguments) == 0
     return path
 
 
@@ -141,6 +146,7 @@ def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
     assert (tmp_path / "edited" / "config.json").is_file()
 
 
+@pytest.mark.slow  # two search.py processes, one killed mid-run: over a minute on 2 cores
 def test_a_killed_search_resumes_from_its_storage(shipped_demo_model: Path, measured_demo: Path,
                                                   tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'search.db'}"
@@ -222,9 +228,10 @@ def test_a_prompt_set_with_nothing_held_back_is_refused(tiny_model, tmp_path: Pa
     assert status == 2 and "--data-harmful" in error and "no prompt of it is held back" in error
 
 
-def test_help_explains_every_flag() -> None:
-    result = subprocess.run([sys.executable, "search.py", "--help"], cwd=REPOSITORY, capture_output=True,
-                            text=True, check=True)
+@IN_PROCESS_AND_AS_A_PROCESS
+def test_help_explains_every_flag(capsys: pytest.CaptureFixture, as_a_process: bool) -> None:
+    result = run_script("search", ["--help"], capsys, as_a_process=as_a_process)
+    assert result.status == 0
     for flag in ("--model", "--measurements", "--plan", "--output", "--trials", "--storage", "--json", "--chart",
                  "--data-harmful", "--data-harmless", "--time-budget", "--refusal-target"):
-        assert flag in result.stdout
+        assert flag in result.out
