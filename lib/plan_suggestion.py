@@ -82,8 +82,7 @@ def output_alignment(report: SignalReport, decoder_layer: int, measurement: int)
     written = decoder_layer + 1
     if written >= len(report.layers):
         return None  # llm-abliteration files stop at N - 1
-    value = float(report.direction_cosines[written, measurement])
-    return None if math.isnan(value) else value
+    return report.direction_cosine(written, measurement)
 
 
 def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None:
