@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lib.checkpoint import Checkpoint, LogicalTensor, Shard, load_tensor
-from lib.model_files import INDEX_NAME
+from lib.model_files import INDEX_NAME, text_config_of
 from lib.plan import Plan, format_layers
 from lib.projection import project_out
 from lib.prompts import file_sha256
@@ -161,8 +161,7 @@ def output_config(checkpoint: Checkpoint, resolution: Resolution) -> dict[str, A
     config = json.loads(json.dumps(checkpoint.config))
     if resolution.untie_embeddings:
         config["tie_word_embeddings"] = False
-        if checkpoint.family.text_config_key and isinstance(config.get(checkpoint.family.text_config_key), dict):
-            config[checkpoint.family.text_config_key]["tie_word_embeddings"] = False
+        text_config_of(config, checkpoint.family.text_config_key)["tie_word_embeddings"] = False
     if checkpoint.is_packed:
         config.pop("quantization_config", None)
     return config

@@ -167,7 +167,8 @@ def load_config(model_directory: Path, label: str) -> PretrainedConfig:
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The language model's config (the config itself for text-only models)."""
+    """The language model's config (the config itself for text-only models); lib.model_files.text_config_of
+    does the same for a config.json read as a dict."""
     return config.get_text_config()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from lib.atomic import atomic_file, check_writable_destination
 from lib.errors import UserError
 from lib.measurements import Measurements
+from lib.model_files import text_config_of
 from lib.plan import format_layers, merge_layer_ranges
 from lib.signal_metrics import SignalReport
 
@@ -114,7 +115,7 @@ def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None
 
 def check_model_matches(config: dict[str, Any], measurements: Measurements, model: str) -> None:
     """The plan's model must be the measured one: same decoder layer count and hidden size."""
-    text_config = config.get("text_config") or config
+    text_config = text_config_of(config)
     expected = {"num_hidden_layers": measurements.num_layers, "hidden_size": measurements.hidden_size}
     for key, measured in expected.items():
         actual = text_config.get(key)
