@@ -116,14 +116,13 @@ def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None
 def check_model_matches(config: dict[str, Any], measurements: Measurements, model: str) -> None:
     """The plan's model must be the measured one: same decoder layer count and hidden size."""
     text_config = text_config_of(config)
-    expected = {"num_hidden_layers": measurements.num_layers, "hidden_size": measurements.hidden_size}
-    for key, measured in expected.items():
-        actual = text_config.get(key)
-        if actual is not None and actual != measured:
-            raise UserError(
-                f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
-                f"{measured}; pass the model the measurements came from"
-            )
+    mismatches = measurements.model_mismatches(text_config.get("num_hidden_layers"), text_config.get("hidden_size"))
+    if mismatches:
+        key, (actual, measured) = next(iter(mismatches.items()))  # the layer count first
+        raise UserError(
+            f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
+            f"{measured}; pass the model the measurements came from"
+        )
 
 
 def _number(value: float | None, digits: int = 4) -> str:
