@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.errors import UserError, run_cli, writing
+from lib.errors import UserError, writing
 from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from tests.cli_helpers import error_line
 from tests.filesystems import DEV_FULL, needs_dev_full
 from tests.fixtures import ALL_FAMILIES
 
@@ -96,27 +97,17 @@ def test_model_resolves_from_local_directory_and_hub_cache(tiny_model, tmp_path:
             resolve_model_directory(bad)
 
 
-def _cli_error(capsys: pytest.CaptureFixture, main) -> str:
-    """Run `main` through run_cli; check exit status 2 and return its single stderr line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 @needs_dev_full
 def test_a_full_disk_is_one_line_naming_the_file_being_written(capsys) -> None:
     def write_to_a_full_disk(argv) -> None:
         with writing(DEV_FULL):
             DEV_FULL.write_text("x")
 
-    line = _cli_error(capsys, write_to_a_full_disk)
+    line = error_line(capsys, write_to_a_full_disk, [])
     assert line == (
         f"error: {DEV_FULL}: no space left on device while writing; free some space or write elsewhere, "
         "then run again"
     )
     # A write that no caller attributed to a file still ends in one line, without a traceback.
-    unattributed = _cli_error(capsys, lambda argv: DEV_FULL.write_text("x"))
+    unattributed = error_line(capsys, lambda argv: DEV_FULL.write_text("x"), [])
     assert unattributed.startswith("error: no space left on device while writing")
