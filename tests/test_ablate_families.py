@@ -15,10 +15,10 @@ from tests.ablate_helpers import (
     read_all_tensors,
     residual_writes,
     run_ablate,
-    write_measurements,
     write_plan,
 )
 from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.measurement_files import write_measurements
 
 # Which measured direction each edited layer uses; layer 0 stays untouched.
 LAYER_MEASUREMENTS = {1: 3, 2: 2, 3: 0}

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lib.errors import UserError, writing
-from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from lib.measurements import load_measurements, save_measurements
 from tests.cli_helpers import error_line
 from tests.filesystems import DEV_FULL, needs_dev_full
 from tests.fixtures import ALL_FAMILIES
+from tests.measurement_files import random_measurements
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
@@ -35,19 +36,9 @@ def test_single_file_fixture(tiny_model) -> None:
     assert not (directory / "model.safetensors.index.json").exists()
 
 
-def _measurements(hidden: int = 8) -> Measurements:
-    generator = torch.Generator().manual_seed(0)
-    layers = {}
-    for index in range(3):
-        harmful, harmless = torch.randn(hidden, generator=generator), torch.randn(hidden, generator=generator)
-        refusal = harmful - harmless
-        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / refusal.norm())
-    return Measurements(num_layers=2, layers=layers, meta={"model": "x"})
-
-
 def test_measurement_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
-    save_measurements(_measurements(), path)
+    save_measurements(random_measurements(hidden_size=8, num_layers=2), path)
     loaded = load_measurements(path)
     assert loaded.num_layers == 2 and sorted(loaded.layers) == [0, 1, 2]
     assert torch.allclose(loaded.direction(1).norm(), torch.tensor(1.0))
