@@ -15,10 +15,8 @@ from safetensors import safe_open
 
 import sharded_ablate
 from lib.errors import run_cli
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, SANDWICH_NORM_FAMILIES
 from tests.measurement_files import write_measurements
-
-GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
 
 
 def write_plan(path: Path, plan: dict[str, Any]) -> Path:
@@ -105,7 +103,8 @@ def residual_writes(model: torch.nn.Module, model_type: str, layers: Sequence[in
     Gemma's sandwich norms sit between a block and the residual add, so there the write is the
     post-norm's output; elsewhere it is the attention / MLP block's output.
     """
-    writers = ("post_attention_layernorm", "post_feedforward_layernorm") if model_type in GEMMA_FAMILIES else ("self_attn", "mlp")
+    writers = (("post_attention_layernorm", "post_feedforward_layernorm") if model_type in SANDWICH_NORM_FAMILIES
+               else ("self_attn", "mlp"))
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     by_index = decoder_layers(model)

@@ -8,12 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lib.architectures import SUPPORTED_MODEL_TYPES
 from lib.errors import UserError, writing
 from lib.measurements import load_measurements, save_measurements
 from tests.cli_helpers import error_line
 from tests.filesystems import DEV_FULL, needs_dev_full
 from tests.fixtures import ALL_FAMILIES
 from tests.measurement_files import random_measurements
+
+
+def test_every_supported_family_has_a_fixture() -> None:
+    """The family tests run over the fixtures and take their architecture facts from lib/architectures.py,
+    so a new family is one table entry and one fixture config."""
+    assert ALL_FAMILIES == list(SUPPORTED_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
