@@ -47,7 +47,6 @@ from lib.model_files import (
     SINGLE_FILE_NAME,
     checkpoint_bytes,
     read_config,
-    resolve_model_directory,
     weight_files,
 )
 from lib.safetensors_stream import read_header
@@ -140,15 +139,6 @@ def add_model_loading_arguments(
         "attention with a warning where it is unavailable",
     )
     parser.set_defaults(quantization_flag=quantization_flags[0])
-
-
-def load_model_and_tokenizer(
-    model: str, options: ModelLoadOptions, flag: str = "--model"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve `model` (directory or cached hub id), then load its tokenizer and model for inference."""
-    model_directory = resolve_model_directory(model, flag)
-    tokenizer = load_tokenizer(model_directory, f"{flag} {model}")
-    return load_model(model_directory, options, f"{flag} {model}"), tokenizer
 
 
 def load_tokenizer(model_directory: Path, label: str) -> PreTrainedTokenizerBase:

@@ -19,7 +19,7 @@ from evaluate import main
 from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
 from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
 from lib.generation import DecodingSettings, generate_replies
-from lib.loading import ModelLoadOptions, load_model_and_tokenizer
+from lib.loading import ModelLoadOptions, load_model, load_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
 from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, damaged_copy
@@ -132,7 +132,8 @@ def test_batched_generation_on_other_families(tiny_model, model_type: str) -> No
     """Sliding-window attention (GPT-OSS) and a multimodal wrapper with soft-capped logits (Gemma 3):
     left-padded batches give each prompt the reply and first-token distribution it gets alone."""
     directory = tiny_model(model_type)
-    model, tokenizer = load_model_and_tokenizer(str(directory), ModelLoadOptions(device_map="cpu"))
+    model = load_model(directory, ModelLoadOptions(device_map="cpu"), "--model")
+    tokenizer = load_tokenizer(directory, "--model")
     prompts = [HARMLESS_PROMPTS[2], "hi", HARMLESS_PROMPTS[5], HARMLESS_PROMPTS[0]]
     generated = generate_replies(
         model,
@@ -272,7 +273,8 @@ class ProgressWatch:
 def _generate_watched(
     model_directory: Path, watch: ProgressWatch, batch_size: int, padding_ends_replies: bool = False
 ) -> list[str]:
-    model, tokenizer = load_model_and_tokenizer(str(model_directory), ModelLoadOptions(device_map="cpu"))
+    model = load_model(model_directory, ModelLoadOptions(device_map="cpu"), "--model")
+    tokenizer = load_tokenizer(model_directory, "--model")
     if padding_ends_replies:  # as an end-of-turn token the model's authors set would
         model.generation_config.eos_token_id = pad_token_id_of(tokenizer)
     handle = model.register_forward_pre_hook(watch, with_kwargs=True)
