@@ -5,11 +5,11 @@ and nucleus (top-p) filtering, and the model's own top-k is switched off so that
 and `--top-p` alone decide. Everything else in the model's `generation_config.json` (end-of-turn
 tokens, a repetition penalty, ...) applies as its authors set it.
 
-Batches hold prompts of similar length (longest first) padded on the left with explicit position
-ids (lib.chat_format.left_pad), which generate() extends token by token, so each reply is the one
-the prompt would get alone. The logits of the first reply token, which the evaluation's KL
-divergence needs, are taken from generate()'s own first forward pass (the whole prompt), not
-from a second pass.
+Batches hold prompts of similar length (longest first, sized and retried by lib/batching.py)
+padded on the left with explicit position ids (lib.chat_format.left_pad), which generate() extends
+token by token, so each reply is the one the prompt would get alone. The logits of the first reply
+token, which the evaluation's KL divergence needs, are taken from generate()'s own first forward
+pass (the whole prompt), not from a second pass.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-layer residual stream at the last prompt token: hooks, length-sorted batches, Welford statistics.
+"""Per-layer residual stream at the last prompt token: hooks, a shared prefix, Welford statistics.
 
 Index convention (docs/SPEC.md §2, the same as transformers' `hidden_states`): position L is the
 residual stream entering decoder layer L; L = 0 is the embedding output (the input of layer 0)
@@ -8,9 +8,9 @@ last layer's output directly instead.
 
 Only the last position of each layer's residual is kept (a clone of [batch, hidden]), never the
 full-sequence hidden states, and the model runs as plain forward passes of its base model: no
-`generate()`, no logits. Prompts are sorted by length (longest first, so a batch size that fits
-the first batch fits them all) and padded on the left with explicit position ids, so a prompt's
-contribution does not depend on its batch or the batch size.
+`generate()`, no logits. Prompts run in lib/batching.py's length-sorted batches (longest first, so
+a batch size that fits the first batch fits them all), padded on the left with explicit position
+ids, so a prompt's contribution does not depend on its batch or the batch size.
 
 Shared prefix: every chat-formatted prompt starts with the same tokens (BOS, the user-turn
 header, often a long system preamble: GPT-OSS's harmony format, Llama 3's date header,
