@@ -4,7 +4,7 @@ Prompts run longest first, so a batch size that fits the first batch fits them a
 pad little. The size is either fixed (`--batch-size N`: an out-of-memory error stops with advice)
 or automatic (`--batch-size 0`: an estimate from the free memory, halved on every out-of-memory
 error, the failed batch retried). `run_in_batches` is that loop; the caller passes what one batch
-does and, for its progress display, what to undo when a batch is abandoned.
+does and, for its progress display, what to show when a batch starts, is abandoned or shrinks.
 """
 
 from __future__ import annotations
@@ -88,6 +88,14 @@ class BatchSizer:
         self.automatic = requested == 0
         self.size = automatic_batch_size(model, longest_prompt, prompt_count) if self.automatic else requested
 
+    @classmethod
+    def for_prompts(
+        cls, requested: int, model: PreTrainedModel, token_id_lists: Sequence[Sequence[int]], added_tokens: int = 0
+    ) -> BatchSizer:
+        """The sizer for these prompts, each growing by `added_tokens` (a reply's) while it runs."""
+        longest = max(len(token_ids) for token_ids in token_id_lists) + added_tokens
+        return cls(requested, model, longest, len(token_id_lists))
+
     def shrink_after_out_of_memory(self) -> None:
         if not self.automatic:
             raise UserError(
@@ -117,7 +125,7 @@ def _ignore(*arguments: object) -> None:
 
 
 def run_in_batches(
-    order: Sequence[int],
+    token_id_lists: Sequence[Sequence[int]],
     sizer: BatchSizer,
     run_batch: Callable[[list[int]], Result],
     device: torch.device,
@@ -126,13 +134,15 @@ def run_in_batches(
     abandoned: Callable[[list[int]], None] = _ignore,
     resized: Callable[[int], None] = _ignore,
 ) -> Iterator[tuple[list[int], Result]]:
-    """Run `run_batch` on consecutive slices of `order` of `sizer.size` indices; yield (indices, result).
+    """Run `run_batch` on the prompts' indices in batches of `sizer.size`, longest prompts first; yield
+    (indices, result) for every batch that ran.
 
     An out-of-memory error inside `run_batch` abandons the batch: `abandoned(indices)` undoes what it
     showed, the sizer shrinks (or stops with advice), the cached memory goes back and the same
     prompts run again in a smaller batch, announced by `resized(new size)`. `starting(done, indices)`
     runs before every try, with the count of prompts whose batches are done.
     """
+    order = length_sorted_order(token_id_lists)
     done = 0
     while done < len(order):
         indices = list(order[done : done + sizer.size])

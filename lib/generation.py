@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from lib.batching import BatchSizer, length_sorted_order, run_in_batches
+from lib.batching import BatchSizer, run_in_batches
 from lib.chat_format import left_pad, pad_token_id_of
 from lib.loading import input_device
 
@@ -184,13 +184,12 @@ def generate_replies(
     config = generation_config(model, tokenizer, settings)
     end_ids = end_token_ids(model, config)
     device = input_device(model)
-    order = length_sorted_order(token_id_lists)
-    longest = len(token_id_lists[order[0]]) + settings.max_new_tokens
-    sizer = BatchSizer(batch_size, model, longest, len(order))
+    sizer = BatchSizer.for_prompts(batch_size, model, token_id_lists, added_tokens=settings.max_new_tokens)
     replies: dict[int, str] = {}
     token_ids: dict[int, list[int]] = {}
     log_probabilities: dict[int, torch.Tensor] = {}
-    total_steps = len(order) * settings.max_new_tokens
+    count = len(token_id_lists)
+    total_steps = count * settings.max_new_tokens
     with (
         torch.inference_mode(),
         tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True,
@@ -199,7 +198,7 @@ def generate_replies(
         steps = StepProgress(progress, settings.max_new_tokens)
 
         def starting(done: int, indices: list[int]) -> None:
-            progress.set_postfix_str(prompts_done_postfix(done, len(order), len(indices)), refresh=False)
+            progress.set_postfix_str(prompts_done_postfix(done, count, len(indices)), refresh=False)
             steps.start_batch(len(indices))
 
         def run_batch(indices: list[int]) -> tuple[torch.Tensor, FirstForwardLogits]:
@@ -209,7 +208,7 @@ def generate_replies(
             return sequences[:, batch.input_ids.shape[1] :].cpu(), first
 
         for indices, (new_tokens, first) in run_in_batches(
-            order, sizer, run_batch, device, starting=starting, abandoned=lambda indices: steps.withdraw()
+            token_id_lists, sizer, run_batch, device, starting=starting, abandoned=lambda indices: steps.withdraw()
         ):
             for row, index in enumerate(indices):
                 replies[index] = reply_text(tokenizer, new_tokens[row].tolist(), end_ids)
@@ -218,8 +217,8 @@ def generate_replies(
             if keep_first_token_log_probabilities:
                 batch_log_probabilities = first_token_log_probabilities(first.captured())
                 log_probabilities.update(zip(indices, batch_log_probabilities))
-        progress.set_postfix_str(prompts_done_postfix(len(order), len(order)))
-    in_order = range(len(order))
+        progress.set_postfix_str(prompts_done_postfix(count, count))
+    in_order = range(count)
     return GeneratedReplies(
         [replies[index] for index in in_order],
         torch.stack([log_probabilities[index] for index in in_order]) if log_probabilities else None,

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel
 
-from lib.batching import BatchSizer, length_sorted_order, run_in_batches
+from lib.batching import BatchSizer, run_in_batches
 from lib.chat_format import left_pad
 from lib.errors import warn
 from lib.loading import decoder_layers, input_device, text_config
@@ -255,15 +255,14 @@ def measure_last_token_residuals(
         raise ValueError("no prompts to measure")
     layers = decoder_layers(model)
     device = input_device(model)
-    order = length_sorted_order(token_id_lists)
-    sizer = BatchSizer(batch_size, model, len(token_id_lists[order[0]]), len(order))
+    sizer = BatchSizer.for_prompts(batch_size, model, token_id_lists)
     # The base model stops after the final norm: the output head's logits are never computed.
     forward = model.base_model
     accumulator = WelfordAccumulator()
     with (
         LastTokenCapture(layers) as capture,
         torch.inference_mode(),
-        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+        tqdm(total=len(token_id_lists), desc=description, unit="prompt", dynamic_ncols=True) as progress,
     ):
         prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
 
@@ -272,7 +271,7 @@ def measure_last_token_residuals(
             return capture.take()
 
         for indices, residuals in run_in_batches(
-            order,
+            token_id_lists,
             sizer,
             run_batch,
             device,

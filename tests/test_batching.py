@@ -8,6 +8,7 @@ from lib.batching import BatchSizer, is_out_of_memory, length_sorted_order, run_
 from lib.errors import UserError
 
 CPU = torch.device("cpu")
+PROMPTS = [[7] * length for length in (1, 2, 3, 4, 5)]  # longest first: 4, 3, 2, 1, 0
 
 
 def _automatic_sizer(size: int) -> BatchSizer:
@@ -37,7 +38,7 @@ def test_an_abandoned_batch_is_retried_halved_and_every_prompt_runs_once() -> No
         return sum(indices)
 
     batches = list(run_in_batches(
-        [4, 3, 2, 1, 0], _automatic_sizer(4), run, CPU,
+        PROMPTS, _automatic_sizer(4), run, CPU,
         starting=lambda done, indices: events.append(("starting", done, indices)),
         abandoned=lambda indices: events.append(("abandoned", indices)),
         resized=lambda size: events.append(("resized", size)),
@@ -53,12 +54,12 @@ def test_a_fixed_size_out_of_memory_stops_with_advice_and_other_errors_pass() ->
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(UserError, match="--batch-size 2: out of memory; use a smaller --batch-size"):
-        list(run_in_batches([0, 1], BatchSizer(2, None, 0, 0), out_of_memory, CPU))
+        list(run_in_batches(PROMPTS, BatchSizer(2, None, 0, 0), out_of_memory, CPU))
     with pytest.raises(UserError, match="out of memory with one prompt per batch"):
-        list(run_in_batches([0, 1], _automatic_sizer(1), out_of_memory, CPU))
+        list(run_in_batches(PROMPTS, _automatic_sizer(1), out_of_memory, CPU))
 
     def broken(indices: list[int]) -> None:
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        list(run_in_batches([0, 1], _automatic_sizer(2), broken, CPU))
+        list(run_in_batches(PROMPTS, _automatic_sizer(2), broken, CPU))
