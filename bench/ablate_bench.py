@@ -92,7 +92,8 @@ def build_model(directory: Path) -> None:
 
 def build_inputs(work: Path) -> None:
     """The model (once), the measurement file and the plan. Runs in its own process, see main()."""
-    from tests.ablate_helpers import write_measurements, write_plan
+    from tests.ablate_helpers import write_plan
+    from tests.measurement_files import write_measurements
 
     model = work / "model"
     if not (model / "config.json").is_file():

@@ -37,14 +37,11 @@ import torch
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
+from lib.batching import length_sorted_order  # noqa: E402
 from lib.chat_format import left_pad, pad_token_id_of, tokenize_chat_prompts  # noqa: E402
 from lib.loading import ModelLoadOptions, load_model, load_tokenizer  # noqa: E402
 from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts  # noqa: E402
-from lib.residual_capture import (  # noqa: E402
-    common_prefix_length,
-    length_sorted_order,
-    measure_last_token_residuals,
-)
+from lib.residual_capture import common_prefix_length, measure_last_token_residuals  # noqa: E402
 
 WORK_DIRECTORY = REPOSITORY / "bench" / "work"
 MODEL_DIRECTORY = WORK_DIRECTORY / "llama-150m-bf16"

@@ -10,7 +10,6 @@ expert tensors are written dequantised (bfloat16, lossless) with `quantization_c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,9 +22,10 @@ import torch
 import yaml
 
 from lib.checkpoint import Checkpoint, LogicalTensor, Shard, load_tensor
-from lib.model_files import INDEX_NAME
+from lib.model_files import INDEX_NAME, text_config_of
 from lib.plan import Plan, format_layers
 from lib.projection import project_out
+from lib.prompts import file_sha256
 from lib.resolution import Resolution, TensorEdit
 from lib.safetensors_stream import (
     ELEMENT_SIZES,
@@ -161,8 +161,7 @@ def output_config(checkpoint: Checkpoint, resolution: Resolution) -> dict[str, A
     config = json.loads(json.dumps(checkpoint.config))
     if resolution.untie_embeddings:
         config["tie_word_embeddings"] = False
-        if checkpoint.family.text_config_key and isinstance(config.get(checkpoint.family.text_config_key), dict):
-            config[checkpoint.family.text_config_key]["tie_word_embeddings"] = False
+        text_config_of(config, checkpoint.family.text_config_key)["tie_word_embeddings"] = False
     if checkpoint.is_packed:
         config.pop("quantization_config", None)
     return config
@@ -204,14 +203,6 @@ def copy_non_weight_files(files: list[Path], directory: Path, config: dict[str, 
 def non_weight_bytes(files: list[Path]) -> int:
     return sum(sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir()
                else path.stat().st_size for path in files)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolved_plan_document(plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path]) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,10 +72,6 @@ def format_summary(report: SignalReport, suggestion: PlanSuggestion | None) -> s
     return "\n".join(lines)
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 def _suggestion_data(suggestion: PlanSuggestion | None) -> dict[str, Any] | None:
     if suggestion is None:
         return None
@@ -94,6 +89,7 @@ def report_data(
 ) -> dict[str, Any]:
     """Everything the table, the summary and the chart show, as plain JSON-ready values (None = n/a)."""
     ranks = {index: rank for rank, index in enumerate(best_layers(report), start=1)}
+    indices = range(len(report.direction_cosines))
     return {
         "measurements": str(measurements.source),
         "num_layers": measurements.num_layers,
@@ -103,8 +99,6 @@ def report_data(
         "layers": [
             {**dataclasses.asdict(signal), "rank": ranks.get(signal.index)} for signal in report.layers
         ],
-        "direction_cosines": [
-            [_finite_or_none(float(value)) for value in row] for row in report.direction_cosines
-        ],
+        "direction_cosines": [[report.direction_cosine(row, column) for column in indices] for row in indices],
         "suggestion": _suggestion_data(suggestion),
     }

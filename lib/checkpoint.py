@@ -25,7 +25,14 @@ from lib.architectures import (
     layer_tensor_pattern,
 )
 from lib.errors import UserError
-from lib.model_files import INDEX_NAME, SINGLE_FILE_NAME, read_config, read_index, resolve_model_directory
+from lib.model_files import (
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    read_config,
+    read_index,
+    resolve_model_directory,
+    text_config_of,
+)
 from lib.safetensors_stream import (
     DTYPE_NAMES,
     ELEMENT_SIZES,
@@ -98,8 +105,7 @@ class Checkpoint:
 
     @property
     def text_config(self) -> dict[str, Any]:
-        key = self.family.text_config_key
-        return self.config.get(key, {}) if key else self.config
+        return text_config_of(self.config, self.family.text_config_key)
 
     @property
     def embedding_name(self) -> str:
@@ -158,7 +164,7 @@ def open_checkpoint(model: str | Path, flag: str = "model") -> Checkpoint:
     layout = _detect_layout(family, all_names, directory)
     packed = _packed_tensors(family, layout, config, stored_by_file, directory)
     shards = [_shard(directory, file_name, headers, packed) for file_name, headers in stored_by_file.items()]
-    text_config = config.get(family.text_config_key, {}) if family.text_config_key else config
+    text_config = text_config_of(config, family.text_config_key)
     num_layers, hidden_size = text_config.get("num_hidden_layers"), text_config.get("hidden_size")
     if not isinstance(num_layers, int) or not isinstance(hidden_size, int):
         raise UserError(f"{directory / 'config.json'}: needs integer num_hidden_layers and hidden_size")

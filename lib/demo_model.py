@@ -15,7 +15,6 @@ SHA-256 of every training file it was built from, so a test can tell when it is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -32,20 +31,28 @@ from lib.chat_format import tokenize_chat_prompts
 from lib.demo_settings import DemoSettings
 from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
+from lib.prompts import (
+    DATA_DIRECTORY,
+    DEFAULT_EVALUATION_HARMFUL_PROMPTS,
+    DEFAULT_EVALUATION_HARMLESS_PROMPTS,
+    DEFAULT_HARMFUL_PROMPTS,
+    DEFAULT_HARMLESS_PROMPTS,
+    REPOSITORY_ROOT,
+    file_sha256,
+)
 from lib.refusal_markers import load_refusal_detector
 from lib.tokenizer_training import train_byte_level_bpe
 
-DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
 TRAINING_FILES = {
-    "harmful": (DATA_DIRECTORY / "harmful.txt", DATA_DIRECTORY / "demo_train_harmful.txt"),
-    "harmless": (DATA_DIRECTORY / "harmless.txt", DATA_DIRECTORY / "demo_train_harmless.txt"),
+    "harmful": (DEFAULT_HARMFUL_PROMPTS, DATA_DIRECTORY / "demo_train_harmful.txt"),
+    "harmless": (DEFAULT_HARMLESS_PROMPTS, DATA_DIRECTORY / "demo_train_harmless.txt"),
 }
 EVALUATION_FILES = {
-    "harmful": DATA_DIRECTORY / "eval_harmful.txt",
-    "harmless": DATA_DIRECTORY / "eval_harmless.txt",
+    "harmful": DEFAULT_EVALUATION_HARMFUL_PROMPTS,
+    "harmless": DEFAULT_EVALUATION_HARMLESS_PROMPTS,
 }
 
-SHIPPED_MODEL_DIRECTORY = Path(__file__).resolve().parent.parent / "demo" / "model"
+SHIPPED_MODEL_DIRECTORY = REPOSITORY_ROOT / "demo" / "model"
 TRAINING_RECORD = "training.json"
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -94,8 +101,6 @@ COMPLIANT_REPLY_BY_FIRST_WORD = {
 COMPLIANT_REPLIES = (HOW_TO_REPLY, QUESTION_REPLY, WRITING_REPLY, DEFAULT_COMPLIANT_REPLY)
 # Long enough for every templated reply and its end-of-turn token.
 DEFAULT_MAX_NEW_TOKENS = 20
-# Substrings that make a reply count as a refusal in this module's own checks (lowercase, straight
-# apostrophes; `is_refusal` normalises curly ones).
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def read_training_prompts(kind: str) -> list[str]:
 
 def file_digests(paths: Sequence[Path]) -> dict[str, str]:
     """SHA-256 of each file, keyed by its name: what a built model records about its training data."""
-    return {Path(path).name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths}
+    return {Path(path).name: file_sha256(path) for path in paths}
 
 
 def training_file_digests() -> dict[str, str]:

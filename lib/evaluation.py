@@ -14,7 +14,6 @@ rates only when both models' replies are decoded the same way.
 
 from __future__ import annotations
 
-import gc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib import __version__
 from lib.atomic import atomic_file
+from lib.batching import release_cached_memory
 from lib.divergence import DivergenceSummary, kl_divergence
 from lib.errors import UserError
 from lib.generation import DecodingSettings, generate_replies
@@ -193,13 +193,6 @@ def score_original_and_edit_in_memory(
     finally:
         del model
         release_cached_memory()
-
-
-def release_cached_memory() -> None:
-    """Collect the released model now and hand a GPU's cached blocks back to the driver."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def first_token_divergence(original: ModelScores, edited: ModelScores) -> DivergenceSummary:

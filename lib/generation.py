@@ -5,11 +5,11 @@ and nucleus (top-p) filtering, and the model's own top-k is switched off so that
 and `--top-p` alone decide. Everything else in the model's `generation_config.json` (end-of-turn
 tokens, a repetition penalty, ...) applies as its authors set it.
 
-Batches hold prompts of similar length (longest first) padded on the left with explicit position
-ids (lib.chat_format.left_pad), which generate() extends token by token, so each reply is the one
-the prompt would get alone. The logits of the first reply token, which the evaluation's KL
-divergence needs, are taken from generate()'s own first forward pass (the whole prompt), not
-from a second pass.
+Batches hold prompts of similar length (longest first, sized and retried by lib/batching.py)
+padded on the left with explicit position ids (lib.chat_format.left_pad), which generate() extends
+token by token, so each reply is the one the prompt would get alone. The logits of the first reply
+token, which the evaluation's KL divergence needs, are taken from generate()'s own first forward
+pass (the whole prompt), not from a second pass.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from lib.batching import BatchSizer, run_in_batches
 from lib.chat_format import left_pad, pad_token_id_of
 from lib.loading import input_device
-from lib.residual_capture import BatchSizer, is_out_of_memory, length_sorted_order
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,16 @@ class StepProgress(BaseStreamer):
     generate() hands over the prompts once, then the new tokens of every decoding step: each step
     advances the bar by the batch's rows. A batch whose rows all ended early adds its remaining
     steps at its end(), so that every batch advances the bar by rows x max_new_tokens in all.
+    `start_batch` starts the count of each batch.
     """
 
-    def __init__(self, progress: tqdm, rows: int, max_new_tokens: int) -> None:
+    def __init__(self, progress: tqdm, max_new_tokens: int) -> None:
         self.progress = progress
-        self.rows = rows
         self.max_new_tokens = max_new_tokens
+        self.start_batch(0)
+
+    def start_batch(self, rows: int) -> None:
+        self.rows = rows
         self.prompts_seen = False
         self.steps_shown = 0
 
@@ -180,40 +184,32 @@ def generate_replies(
     config = generation_config(model, tokenizer, settings)
     end_ids = end_token_ids(model, config)
     device = input_device(model)
-    order = length_sorted_order(token_id_lists)
-    longest = len(token_id_lists[order[0]]) + settings.max_new_tokens
-    sizer = BatchSizer(batch_size, model, longest, len(order))
+    sizer = BatchSizer.for_prompts(batch_size, model, token_id_lists, added_tokens=settings.max_new_tokens)
     replies: dict[int, str] = {}
     token_ids: dict[int, list[int]] = {}
     log_probabilities: dict[int, torch.Tensor] = {}
-    total_steps = len(order) * settings.max_new_tokens
+    count = len(token_id_lists)
+    total_steps = count * settings.max_new_tokens
     with (
         torch.inference_mode(),
         tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True,
              disable=not show_progress) as progress,
     ):
-        start = 0
-        while start < len(order):
-            indices = order[start : start + sizer.size]
-            progress.set_postfix_str(prompts_done_postfix(start, len(order), len(indices)), refresh=False)
+        steps = StepProgress(progress, settings.max_new_tokens)
+
+        def starting(done: int, indices: list[int]) -> None:
+            progress.set_postfix_str(prompts_done_postfix(done, count, len(indices)), refresh=False)
+            steps.start_batch(len(indices))
+
+        def run_batch(indices: list[int]) -> tuple[torch.Tensor, FirstForwardLogits]:
             batch = left_pad([token_id_lists[index] for index in indices], config.pad_token_id).to(device)
-            steps = StepProgress(progress, len(indices), settings.max_new_tokens)
-            try:
-                with FirstForwardLogits(model) as first:
-                    sequences = model.generate(
-                        **batch.model_inputs(),
-                        generation_config=config,
-                        streamer=steps,
-                    )
-            except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
-                if not is_out_of_memory(error):
-                    raise
-                steps.withdraw()
-                sizer.shrink_after_out_of_memory()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # hand the failed batch's cached blocks back before retrying
-                continue
-            new_tokens = sequences[:, batch.input_ids.shape[1] :].cpu()
+            with FirstForwardLogits(model) as first:
+                sequences = model.generate(**batch.model_inputs(), generation_config=config, streamer=steps)
+            return sequences[:, batch.input_ids.shape[1] :].cpu(), first
+
+        for indices, (new_tokens, first) in run_in_batches(
+            token_id_lists, sizer, run_batch, device, starting=starting, abandoned=lambda indices: steps.withdraw()
+        ):
             for row, index in enumerate(indices):
                 replies[index] = reply_text(tokenizer, new_tokens[row].tolist(), end_ids)
                 if keep_reply_token_ids:
@@ -221,9 +217,8 @@ def generate_replies(
             if keep_first_token_log_probabilities:
                 batch_log_probabilities = first_token_log_probabilities(first.captured())
                 log_probabilities.update(zip(indices, batch_log_probabilities))
-            start += len(indices)
-        progress.set_postfix_str(prompts_done_postfix(start, len(order)))
-    in_order = range(len(order))
+        progress.set_postfix_str(prompts_done_postfix(count, count))
+    in_order = range(count)
     return GeneratedReplies(
         [replies[index] for index in in_order],
         torch.stack([log_probabilities[index] for index in in_order]) if log_probabilities else None,

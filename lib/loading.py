@@ -54,7 +54,6 @@ from lib.model_files import (
     SINGLE_FILE_NAME,
     checkpoint_bytes,
     read_config,
-    resolve_model_directory,
     weight_files,
 )
 from lib.safetensors_stream import read_header
@@ -107,13 +106,6 @@ class ModelLoadOptions:
         )
 
 
-def load_model_and_tokenizer(
-    model: str, options: ModelLoadOptions, flag: str = "--model"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve `model` (directory or cached hub id), then load its tokenizer and model for inference."""
-    model_directory = resolve_model_directory(model, flag)
-    tokenizer = load_tokenizer(model_directory, f"{flag} {model}")
-    return load_model(model_directory, options, f"{flag} {model}"), tokenizer
 
 
 def load_tokenizer(model_directory: Path, label: str) -> PreTrainedTokenizerBase:
@@ -132,7 +124,8 @@ def load_config(model_directory: Path, label: str) -> PretrainedConfig:
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The language model's config (the config itself for text-only models)."""
+    """The language model's config (the config itself for text-only models); lib.model_files.text_config_of
+    does the same for a config.json read as a dict."""
     return config.get_text_config()
 
 

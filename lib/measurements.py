@@ -53,6 +53,16 @@ class Measurements:
     def hidden_size(self) -> int:
         return next(iter(self.layers.values())).direction.numel()
 
+    def model_mismatches(self, num_layers: int | None, hidden_size: int | None) -> dict[str, tuple[Any, int]]:
+        """Where a model differs from the measured one: config key -> (the model's value, the measured one).
+
+        Keys `num_hidden_layers` and `hidden_size`, in that order; a size given as None (unknown) is not
+        compared.
+        """
+        measured = {"num_hidden_layers": (num_layers, self.num_layers), "hidden_size": (hidden_size, self.hidden_size)}
+        return {key: (actual, expected) for key, (actual, expected) in measured.items()
+                if actual is not None and actual != expected}
+
     def layer(self, index: int) -> LayerMeasurement:
         if index not in self.layers:
             raise UserError(

@@ -15,6 +15,8 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from lib.errors import UserError
 
 CONFIG_NAME = "config.json"
+# Where multimodal wrappers keep their language model's settings inside config.json.
+TEXT_CONFIG_KEY = "text_config"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 
@@ -63,6 +65,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_config(model_directory: Path) -> dict[str, Any]:
     return read_json_object(model_directory / CONFIG_NAME)
+
+
+def text_config_of(config: dict[str, Any], key: str | None = TEXT_CONFIG_KEY) -> dict[str, Any]:
+    """The language model's settings in a config.json: the `key` section of a multimodal wrapper, the
+    config itself for a text-only model (the dict counterpart of lib.loading.text_config)."""
+    section = config.get(key) if key else None
+    return section if isinstance(section, dict) else config
 
 
 def read_index(index_path: Path) -> tuple[dict[str, str], dict[str, Any]]:

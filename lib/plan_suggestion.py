@@ -22,6 +22,7 @@ from typing import Any
 from lib.atomic import atomic_file, check_writable_destination
 from lib.errors import UserError
 from lib.measurements import Measurements
+from lib.model_files import text_config_of
 from lib.plan import format_layers, merge_layer_ranges
 from lib.signal_metrics import SignalReport
 
@@ -82,8 +83,7 @@ def output_alignment(report: SignalReport, decoder_layer: int, measurement: int)
     written = decoder_layer + 1
     if written >= len(report.layers):
         return None  # llm-abliteration files stop at N - 1
-    value = float(report.direction_cosines[written, measurement])
-    return None if math.isnan(value) else value
+    return report.direction_cosine(written, measurement)
 
 
 def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None:
@@ -115,15 +115,14 @@ def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None
 
 def check_model_matches(config: dict[str, Any], measurements: Measurements, model: str) -> None:
     """The plan's model must be the measured one: same decoder layer count and hidden size."""
-    text_config = config.get("text_config") or config
-    expected = {"num_hidden_layers": measurements.num_layers, "hidden_size": measurements.hidden_size}
-    for key, measured in expected.items():
-        actual = text_config.get(key)
-        if actual is not None and actual != measured:
-            raise UserError(
-                f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
-                f"{measured}; pass the model the measurements came from"
-            )
+    text_config = text_config_of(config)
+    mismatches = measurements.model_mismatches(text_config.get("num_hidden_layers"), text_config.get("hidden_size"))
+    if mismatches:
+        key, (actual, measured) = next(iter(mismatches.items()))  # the layer count first
+        raise UserError(
+            f"--model {model}: config has {key}={actual} but {measurements.source} was measured with "
+            f"{measured}; pass the model the measurements came from"
+        )
 
 
 def _number(value: float | None, digits: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""Per-layer residual stream at the last prompt token: hooks, length-sorted batches, Welford statistics.
+"""Per-layer residual stream at the last prompt token: hooks, a shared prefix, Welford statistics.
 
 Index convention (docs/SPEC.md §2, the same as transformers' `hidden_states`): position L is the
 residual stream entering decoder layer L; L = 0 is the embedding output (the input of layer 0)
@@ -8,9 +8,9 @@ last layer's output directly instead.
 
 Only the last position of each layer's residual is kept (a clone of [batch, hidden]), never the
 full-sequence hidden states, and the model runs as plain forward passes of its base model: no
-`generate()`, no logits. Prompts are sorted by length (longest first, so a batch size that fits
-the first batch fits them all) and padded on the left with explicit position ids, so a prompt's
-contribution does not depend on its batch or the batch size.
+`generate()`, no logits. Prompts run in lib/batching.py's length-sorted batches (longest first, so
+a batch size that fits the first batch fits them all), padded on the left with explicit position
+ids, so a prompt's contribution does not depend on its batch or the batch size.
 
 Shared prefix: every chat-formatted prompt starts with the same tokens (BOS, the user-turn
 header, often a long system preamble: GPT-OSS's harmony format, Llama 3's date header,
@@ -34,14 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel
 
+from lib.batching import BatchSizer, run_in_batches
 from lib.chat_format import left_pad
-from lib.errors import UserError, warn
-from lib.loading import cpu_available_bytes, decoder_layers, input_device, text_config
+from lib.errors import warn
+from lib.loading import decoder_layers, input_device, text_config
 
-AUTOMATIC_BATCH_SIZE_LIMIT = 256
-# Share of the free memory the activations of one automatic-size batch may plan to use.
-AUTOMATIC_BATCH_MEMORY_FRACTION = 0.5
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # transformers 5.24 renamed the key/value cache's forward argument and output field from
 # `past_key_values` to `cache` and warns about the old name until its removal (planned for 5.40).
 # Older 5.x releases and remote-code models know only the old name, so each model's own
@@ -151,83 +148,6 @@ class LastTokenCapture:
         self.captured = [None] * (len(self.layers) + 1)
 
 
-def length_sorted_order(token_id_lists: Sequence[Sequence[int]]) -> list[int]:
-    """Prompt indices, longest first: neighbours have similar lengths, so padding wastes little."""
-    return sorted(range(len(token_id_lists)), key=lambda index: len(token_id_lists[index]), reverse=True)
-
-
-def activation_bytes_per_sequence(model: PreTrainedModel, length: int) -> int:
-    """A generous estimate of one sequence's peak transient activations inside one decoder layer."""
-    config = text_config(model.config)
-    hidden = config.hidden_size
-    heads = getattr(config, "num_attention_heads", 1) or 1
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    key_value_heads = getattr(config, "num_key_value_heads", None) or heads
-    experts_per_token = getattr(config, "num_experts_per_tok", None) or 1
-    intermediate = max(
-        getattr(config, "intermediate_size", 0) or 0,
-        (getattr(config, "moe_intermediate_size", 0) or 0) * experts_per_token,
-        hidden,
-    )
-    element_size = max(
-        next(model.parameters()).element_size(), 2
-    )  # quantised weights still compute in >= 16 bit
-    per_token = element_size * (8 * hidden + 4 * intermediate + 2 * head_dim * (heads + 2 * key_value_heads))
-    # keys and values of every layer, kept for one forward pass when a shared prefix is used
-    per_token += element_size * 2 * key_value_heads * head_dim * config.num_hidden_layers
-    attention_scores = 4 * heads * length  # one float32 score row per head (eager attention's worst case)
-    return length * (per_token + attention_scores)
-
-
-def free_memory_near(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return cpu_available_bytes()
-
-
-def automatic_batch_size(model: PreTrainedModel, longest_prompt: int, prompt_count: int) -> int:
-    """The starting size for `--batch-size 0`: as many longest prompts as half the free memory holds."""
-    budget = free_memory_near(input_device(model)) * AUTOMATIC_BATCH_MEMORY_FRACTION
-    fitting = int(budget // activation_bytes_per_sequence(model, longest_prompt))
-    return max(1, min(fitting, prompt_count, AUTOMATIC_BATCH_SIZE_LIMIT))
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(
-        text in str(error).lower() for text in OUT_OF_MEMORY_MESSAGES
-    )
-
-
-class BatchSizer:
-    """The batch size in use: fixed as requested, or automatic (start from an estimate, halve on OOM)."""
-
-    def __init__(
-        self, requested: int, model: PreTrainedModel, longest_prompt: int, prompt_count: int
-    ) -> None:
-        self.automatic = requested == 0
-        self.size = automatic_batch_size(model, longest_prompt, prompt_count) if self.automatic else requested
-
-    def shrink_after_out_of_memory(self) -> None:
-        if not self.automatic:
-            raise UserError(
-                f"--batch-size {self.size}: out of memory; use a smaller --batch-size, or 0 to find one"
-            )
-        if self.size == 1:
-            raise UserError(
-                "out of memory with one prompt per batch; load the model in less memory "
-                "(quantisation, or another --device-map)"
-            )
-        self.size = max(1, self.size // 2)
-
-
-def _release_cached_memory(device: torch.device) -> None:
-    """After an out-of-memory error only: hand the failed batch's cached blocks back before retrying."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def common_prefix_length(token_id_lists: Sequence[Sequence[int]]) -> int:
     """Tokens every prompt starts with, leaving at least each prompt's last token outside the prefix."""
     first = token_id_lists[0]
@@ -335,36 +255,29 @@ def measure_last_token_residuals(
         raise ValueError("no prompts to measure")
     layers = decoder_layers(model)
     device = input_device(model)
-    order = length_sorted_order(token_id_lists)
-    sizer = BatchSizer(batch_size, model, len(token_id_lists[order[0]]), len(order))
+    sizer = BatchSizer.for_prompts(batch_size, model, token_id_lists)
     # The base model stops after the final norm: the output head's logits are never computed.
     forward = model.base_model
     accumulator = WelfordAccumulator()
     with (
         LastTokenCapture(layers) as capture,
         torch.inference_mode(),
-        tqdm(total=len(order), desc=description, unit="prompt", dynamic_ncols=True) as progress,
+        tqdm(total=len(token_id_lists), desc=description, unit="prompt", dynamic_ncols=True) as progress,
     ):
         prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
-        start = 0
-        while start < len(order):
-            indices = order[start : start + sizer.size]
-            try:
-                forward(
-                    **batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device)
-                )
-                residuals = capture.take()
-            except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
-                if not is_out_of_memory(error):
-                    raise
-                residuals = None
-            if residuals is None:
-                capture.clear()
-                sizer.shrink_after_out_of_memory()
-                _release_cached_memory(device)
-                progress.set_postfix(batch_size=sizer.size)
-                continue
+
+        def run_batch(indices: list[int]) -> torch.Tensor:
+            forward(**batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device))
+            return capture.take()
+
+        for indices, residuals in run_in_batches(
+            token_id_lists,
+            sizer,
+            run_batch,
+            device,
+            abandoned=lambda indices: capture.clear(),
+            resized=lambda size: progress.set_postfix(batch_size=size),
+        ):
             accumulator.add(residuals)
-            start += len(indices)
             progress.update(len(indices))
     return accumulator.statistics()

@@ -116,10 +116,11 @@ def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[st
 
 def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, problems: list[str]) -> None:
     source = measurements.source
-    if measurements.hidden_size != checkpoint.hidden_size:
+    mismatches = measurements.model_mismatches(checkpoint.num_layers, checkpoint.hidden_size)
+    if "hidden_size" in mismatches:
         problems.append(f"measurements {source}: directions have {measurements.hidden_size} components, "
                         f"but the model's hidden size is {checkpoint.hidden_size} (measured on another model?)")
-    if measurements.num_layers != checkpoint.num_layers:
+    if "num_hidden_layers" in mismatches:
         problems.append(f"measurements {source}: measured a model with {measurements.num_layers} layers, "
                         f"but the model has {checkpoint.num_layers}")
 

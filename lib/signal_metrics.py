@@ -45,6 +45,11 @@ class SignalReport:
     def layer(self, index: int) -> LayerSignal:
         return self.layers[index]
 
+    def direction_cosine(self, first: int, second: int) -> float | None:
+        """The cosine between the directions at two residual indices; None where either direction is zero."""
+        value = float(self.direction_cosines[first, second])
+        return None if math.isnan(value) else value
+
 
 def cosine(first: torch.Tensor, second: torch.Tensor) -> float | None:
     """Cosine similarity in float64, None when either vector is zero."""

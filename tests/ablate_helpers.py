@@ -1,4 +1,4 @@
-"""Shared pieces of the sharded_ablate tests: measurement files, plans, runs and residual-write probes."""
+"""Shared pieces of the sharded_ablate tests: plans, runs and residual-write probes."""
 from __future__ import annotations
 
 import hashlib
@@ -15,23 +15,8 @@ from safetensors import safe_open
 
 import sharded_ablate
 from lib.errors import run_cli
-from lib.measurements import LayerMeasurement, Measurements, save_measurements
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
-
-GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma3")
-
-
-def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int = 0) -> Measurements:
-    """Random per-layer means and unit directions, L = 0..num_layers, saved as a measurement file."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for index in range(num_layers + 1):
-        harmful, harmless = torch.randn(hidden_size, generator=generator), torch.randn(hidden_size, generator=generator)
-        refusal = harmful - harmless
-        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / refusal.norm())
-    measurements = Measurements(num_layers, layers, meta={"model": "fixture"})
-    save_measurements(measurements, path)
-    return measurements
+from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, SANDWICH_NORM_FAMILIES
+from tests.measurement_files import write_measurements
 
 
 def write_plan(path: Path, plan: dict[str, Any]) -> Path:
@@ -118,7 +103,8 @@ def residual_writes(model: torch.nn.Module, model_type: str, layers: Sequence[in
     Gemma's sandwich norms sit between a block and the residual add, so there the write is the
     post-norm's output; elsewhere it is the attention / MLP block's output.
     """
-    writers = ("post_attention_layernorm", "post_feedforward_layernorm") if model_type in GEMMA_FAMILIES else ("self_attn", "mlp")
+    writers = (("post_attention_layernorm", "post_feedforward_layernorm") if model_type in SANDWICH_NORM_FAMILIES
+               else ("self_attn", "mlp"))
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     by_index = decoder_layers(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from lib.architectures import FAMILIES, Role, TensorRule
 from lib.tokenizer_training import train_byte_level_bpe
 
 HIDDEN_SIZE = 64
@@ -123,6 +125,18 @@ MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 ALL_FAMILIES = sorted([*FAMILY_CONFIGS, *MULTIMODAL_FAMILIES])
+
+
+def families_with(predicate: Callable[[TensorRule], bool]) -> list[str]:
+    """The fixture families with a rule in lib/architectures.FAMILIES for which `predicate` holds."""
+    return [model_type for model_type in ALL_FAMILIES if any(map(predicate, FAMILIES[model_type].rules))]
+
+
+# Mixture-of-experts families: routed experts, and a router reading the residual stream.
+MOE_FAMILIES = families_with(lambda rule: rule.is_expert)
+# Families whose blocks write through a norm's gain (Gemma 2/3 sandwich norms): the residual write is
+# that norm's output, not the block's.
+SANDWICH_NORM_FAMILIES = families_with(lambda rule: rule.role is Role.WRITER and rule.gain is not None)
 
 _TOKENIZER_CORPUS = [
     "How do I bake bread at home? Explain the steps of a recipe in detail.",

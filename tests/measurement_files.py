@@ -1,5 +1,7 @@
-"""Synthetic measurement files with known geometry, for analyze's tests (and any stage that needs one).
+"""Synthetic measurement files: random ones for the stages that only need a valid file, and ones with
+known geometry for analyze's tests.
 
+`random_measurements` / `write_measurements` draw random means and unit directions for every layer.
 `planted_measurements` builds a file whose refusal signal is known in closed form:
 - the harmless means live in coordinates 0..15, every refusal vector in coordinates 16.., so each
   refusal vector is orthogonal to its harmless mean (purity 1) and |harmful|^2 = |harmless|^2 + a^2;
@@ -18,10 +20,40 @@ from pathlib import Path
 
 import torch
 
+from lib.measurements import LayerMeasurement, Measurements, save_measurements
+
 HIDDEN_SIZE = 64
 HARMLESS_DIMENSIONS = 16
 PLANTED_COORDINATE = 16
 HARMLESS_NORM = 10.0
+
+
+def random_measurements(
+    hidden_size: int, num_layers: int, seed: int = 0, *, like_measure: bool = False, model: str = "fixture"
+) -> Measurements:
+    """Random per-layer means and unit directions, L = 0..num_layers.
+
+    `like_measure`: L = 0 (the embedding output, where every chat-formatted prompt ends in the same
+    token) has equal means and no direction, as in files measure.py writes, so a plan that uses
+    measurement 0 fails.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index in range(num_layers + 1):
+        harmful, harmless = torch.randn(hidden_size, generator=generator), torch.randn(hidden_size, generator=generator)
+        if index == 0 and like_measure:
+            harmful = harmless.clone()
+        refusal = harmful - harmless
+        norm = refusal.norm()
+        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / norm if norm > 0 else refusal)
+    return Measurements(num_layers, layers, meta={"model": model})
+
+
+def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int = 0, **options) -> Measurements:
+    """`random_measurements` saved as a measurement file at `path`."""
+    measurements = random_measurements(hidden_size, num_layers, seed, **options)
+    save_measurements(measurements, path)
+    return measurements
 
 
 def unit(index: int, hidden_size: int = HIDDEN_SIZE) -> torch.Tensor:

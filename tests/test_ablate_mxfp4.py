@@ -19,10 +19,10 @@ from tests.ablate_helpers import (
     read_all_tensors,
     residual_writes,
     run_ablate,
-    write_measurements,
     write_plan,
 )
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.measurement_files import write_measurements
 
 FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 GROUP = 32

@@ -23,10 +23,10 @@ from tests.ablate_helpers import (
     run_ablate,
     shard_metadata,
     tree_digest,
-    write_measurements,
     write_plan,
 )
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, build_fixture, install_in_hub_cache
+from tests.measurement_files import write_measurements
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,9 @@ import torch
 
 from lib.measurements import LayerMeasurement, Measurements, save_measurements
 from lib.plan import load_plan
-from tests.ablate_helpers import rewrite_header, run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import rewrite_header, run_ablate, write_plan
 from tests.fixtures import DAMAGES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, damaged_copy
+from tests.measurement_files import write_measurements
 
 
 @pytest.fixture

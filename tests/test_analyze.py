@@ -218,6 +218,21 @@ def test_table_and_json_report_every_layer(tmp_path: Path, capsys: pytest.Captur
     assert data["direction_cosines"][PEAK_LAYER][PEAK_LAYER] == pytest.approx(1.0)
 
 
+def run_analyze_then_check(arguments: list[str], check: str, environment: dict[str, str]) -> None:
+    """Run analyze.main in a fresh interpreter (its own matplotlib backend), then the Python line
+    `check`; both must succeed."""
+    script = f"import sys, analyze\nstatus = analyze.main(sys.argv[1:])\n{check}\nsys.exit(status)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, *arguments],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.slow  # its own python process (no display, pyplot never imported): seconds
 def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path) -> None:
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
@@ -227,21 +242,9 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
         key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")
     }
     environment["MPLBACKEND"] = "TkAgg"
-    script = (
-        "import sys, analyze\n"
-        "status = analyze.main(sys.argv[1:])\n"
-        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
-        "sys.exit(status)\n"
+    run_analyze_then_check(
+        [str(path), "--chart"], "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'", environment
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(path), "--chart"],
-        cwd=REPOSITORY,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
     assert_documented_chart_beside_the_measurements(tmp_path)
 
 
@@ -350,22 +353,12 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 def test_show_goes_through_pyplot_and_writes_nothing(tmp_path: Path) -> None:
     path = save(planted_measurements(MAGNITUDES, ALIGNMENTS), tmp_path / "m.pt")
     environment = {**os.environ, "MPLBACKEND": "Agg"}  # non-interactive: show() returns at once
-    script = (
-        "import sys, analyze\n"
-        "status = analyze.main(sys.argv[1:])\n"
+    run_analyze_then_check(
+        [str(path), "--show"],
         "from matplotlib import pyplot\n"
-        "assert len(pyplot.figure(1).axes) > 6, 'the chart was not drawn on a pyplot figure'\n"
-        "sys.exit(status)\n"
+        "assert len(pyplot.figure(1).axes) > 6, 'the chart was not drawn on a pyplot figure'",
+        environment,
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(path), "--show"],
-        cwd=REPOSITORY,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
     assert [entry.name for entry in tmp_path.iterdir()] == ["m.pt"]
 
 

@@ -19,7 +19,8 @@ import pytest
 from chat import main
 from lib.chat_format import tokenize_conversation
 from lib.chat_session import Action, Conversation, parse_line
-from lib.errors import UserError, run_cli
+from lib.errors import UserError
+from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, copy_without_chat_template
 from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply
 
@@ -78,7 +79,7 @@ def test_a_model_without_chat_template_continues_the_raw_text(tiny_model, tmp_pa
     model = copy_without_chat_template(tiny_model("llama"), tmp_path / "base-model")
     arguments = ["--model", str(model), "--prompt", "Once upon a time", "--system", "A story.",
                  "--max-new-tokens", "6"]
-    line = _fails(capsys, arguments)
+    line = error_line(capsys, main, arguments)
     assert line.startswith(f"error: --model {model}: the tokenizer has no chat template")
     assert "--no-chat-template" in line
     assert main([*arguments, "--no-chat-template"]) == 0
@@ -233,23 +234,13 @@ def test_interactive_session_on_a_pseudo_terminal(tiny_model) -> None:
         session.close()
 
 
-def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def test_missing_model_is_a_one_line_error(capsys, tmp_path: Path) -> None:
-    line = _fails(capsys, ["--model", str(tmp_path / "nowhere"), "--prompt", "hi"])
+    line = error_line(capsys, main, ["--model", str(tmp_path / "nowhere"), "--prompt", "hi"])
     assert line.startswith(f"error: --model {tmp_path / 'nowhere'}: ") and "not found" in line
 
 
 def test_empty_prompt_is_a_one_line_error(capsys, tiny_model) -> None:
-    line = _fails(capsys, ["--model", str(tiny_model("llama")), "--prompt", "   "])
+    line = error_line(capsys, main, ["--model", str(tiny_model("llama")), "--prompt", "   "])
     assert line == "error: --prompt: the message is empty"
 
 

@@ -8,11 +8,10 @@ import itertools
 import re
 from collections import Counter
 from functools import cache
-from pathlib import Path
 
 import pytest
 
-DATA_DIRECTORY = Path(__file__).resolve().parent.parent / "data"
+from lib.prompts import DATA_DIRECTORY
 
 # Every file the demo model trains on: the measurement sets and the larger demo training sets.
 TRAINING_FILES = ("harmful.txt", "harmless.txt", "demo_train_harmful.txt", "demo_train_harmless.txt")

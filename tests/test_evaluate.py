@@ -17,11 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from evaluate import main
 from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
-from lib.errors import run_cli
 from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
 from lib.generation import DecodingSettings, generate_replies
-from lib.loading import ModelLoadOptions, load_model_and_tokenizer
+from lib.loading import ModelLoadOptions, load_model, load_tokenizer
 from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
+from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, damaged_copy
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply
 from tests.measure_helpers import HARMFUL_PROMPTS, HARMLESS_PROMPTS
@@ -132,7 +132,8 @@ def test_batched_generation_on_other_families(tiny_model, model_type: str) -> No
     """Sliding-window attention (GPT-OSS) and a multimodal wrapper with soft-capped logits (Gemma 3):
     left-padded batches give each prompt the reply and first-token distribution it gets alone."""
     directory = tiny_model(model_type)
-    model, tokenizer = load_model_and_tokenizer(str(directory), ModelLoadOptions(device_map="cpu"))
+    model = load_model(directory, ModelLoadOptions(device_map="cpu"), "--model")
+    tokenizer = load_tokenizer(directory, "--model")
     prompts = [HARMLESS_PROMPTS[2], "hi", HARMLESS_PROMPTS[5], HARMLESS_PROMPTS[0]]
     generated = generate_replies(
         model,
@@ -272,7 +273,8 @@ class ProgressWatch:
 def _generate_watched(
     model_directory: Path, watch: ProgressWatch, batch_size: int, padding_ends_replies: bool = False
 ) -> list[str]:
-    model, tokenizer = load_model_and_tokenizer(str(model_directory), ModelLoadOptions(device_map="cpu"))
+    model = load_model(model_directory, ModelLoadOptions(device_map="cpu"), "--model")
+    tokenizer = load_tokenizer(model_directory, "--model")
     if padding_ends_replies:  # as an end-of-turn token the model's authors set would
         model.generation_config.eos_token_id = pad_token_id_of(tokenizer)
     handle = model.register_forward_pre_hook(watch, with_kwargs=True)
@@ -327,16 +329,6 @@ def test_progress_of_a_batch_abandoned_for_out_of_memory_is_taken_back(tiny_mode
 # ---- bad input -------------------------------------------------------------------------------
 
 
-def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def _arguments(prompt_files: tuple[Path, Path], report: Path, *models: str, **overrides: str) -> list[str]:
     options = {"--harmful": str(prompt_files[0]), "--harmless": str(prompt_files[1]), "--json": str(report)}
     options.update(overrides)
@@ -357,8 +349,8 @@ def _without_weights(model: Path, destination: Path) -> Path:
 def test_missing_model(capsys, tiny_model, prompt_files, tmp_path: Path, flag: str) -> None:
     missing = tmp_path / "no-such-model"
     models = {"--model": str(tiny_model("llama")), "--ablated": str(tiny_model("llama")), flag: str(missing)}
-    line = _fails(
-        capsys, _arguments(prompt_files, tmp_path / "r.json", *(x for p in models.items() for x in p))
+    line = error_line(
+        capsys, main, _arguments(prompt_files, tmp_path / "r.json", *(x for p in models.items() for x in p))
     )
     assert line.startswith(f"error: {flag} {missing}: ") and "not found" in line
     assert not (tmp_path / "r.json").exists()
@@ -375,7 +367,7 @@ def test_mismatched_tokenizers_are_refused_before_loading_weights(
         tokenizer.chat_template = tokenizer.chat_template.replace("assistant", "model")
     tokenizer.save_pretrained(edited)
     argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(edited))
-    line = _fails(capsys, argv)
+    line = error_line(capsys, main, argv)
     assert line.startswith(f"error: --ablated {edited}: tokenizer does not match --model {original}'s")
     assert difference in line
     assert not (tmp_path / "r.json").exists()
@@ -416,7 +408,7 @@ def test_tokenizers_that_encode_or_decode_differently_are_refused(
     change, named = TOKENIZER_JSON_EDITS[edit]
     _edit_tokenizer_json(edited, change)
     argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(edited))
-    line = _fails(capsys, argv)
+    line = error_line(capsys, main, argv)
     assert line.startswith(f"error: --ablated {edited}: tokenizer does not match --model {original}'s")
     assert named in line
     assert not (tmp_path / "r.json").exists()
@@ -441,13 +433,13 @@ def test_empty_prompt_file(capsys, tiny_model, prompt_files, tmp_path: Path, fla
     argv = _arguments(
         prompt_files, tmp_path / "r.json", "--model", str(tiny_model("llama")), **{flag: str(empty)}
     )
-    assert _fails(capsys, argv) == f"error: {flag} {empty}: contains no prompts"
+    assert error_line(capsys, main, argv) == f"error: {flag} {empty}: contains no prompts"
     assert not (tmp_path / "r.json").exists()
 
 
 def test_report_in_a_missing_directory(capsys, tiny_model, prompt_files, tmp_path: Path) -> None:
     report = tmp_path / "missing" / "r.json"
-    line = _fails(capsys, _arguments(prompt_files, report, "--model", str(tiny_model("llama"))))
+    line = error_line(capsys, main, _arguments(prompt_files, report, "--model", str(tiny_model("llama"))))
     assert line.startswith(f"error: --json {report}: directory ") and "does not exist" in line
 
 
@@ -458,6 +450,6 @@ def test_damaged_ablated_model_is_named_before_any_scoring(
     original = tiny_model("llama")
     ablated, broken = damaged_copy(original, tmp_path / "damaged", damage)
     argv = _arguments(prompt_files, tmp_path / "r.json", "--model", str(original), "--ablated", str(ablated))
-    line = _fails(capsys, argv)
+    line = error_line(capsys, main, argv)
     assert line.startswith(f"error: {broken}: "), line
     assert not (tmp_path / "r.json").exists()

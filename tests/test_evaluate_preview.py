@@ -8,8 +8,9 @@ import pytest
 
 from evaluate import main
 from lib.errors import run_cli
-from tests.ablate_helpers import run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import run_ablate, write_plan
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.measurement_files import write_measurements
 from tests.test_evaluate import prompt_files, run_evaluate  # noqa: F401 (the fixture is used by name)
 
 

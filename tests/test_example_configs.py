@@ -22,10 +22,11 @@ from transformers import AutoConfig
 import sharded_ablate
 from lib.architectures import FAMILIES
 from lib.checkpoint import open_checkpoint
-from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from lib.measurements import load_measurements
 from lib.plan import Plan, load_plan
 from lib.resolution import Resolution, resolve
 from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
+from tests.measurement_files import write_measurements
 
 CONFIG_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIRECTORY.glob("*.yml"))
@@ -155,7 +156,8 @@ def example_model(tmp_path_factory: pytest.TempPathFactory):
             if real.stores_prediction_layer:
                 add_prediction_layer(model, real.num_hidden_layers)
             measurements = tmp_path_factory.mktemp("measurements") / "m.pt"
-            write_measurements_like_measure(measurements, real.num_hidden_layers, seed=len(built))
+            write_measurements(measurements, HIDDEN_SIZE, real.num_hidden_layers, seed=len(built), like_measure=True,
+                               model="example-config fixture")
             built[real] = (model, measurements)
         return built[real]
 
@@ -178,22 +180,6 @@ def add_prediction_layer(model: Path, layer: int) -> None:
     save_file(tensors, model / "model-prediction-layer.safetensors", metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(tensors, "model-prediction-layer.safetensors"))
     index_path.write_text(json.dumps(index, indent=2))
-
-
-def write_measurements_like_measure(path: Path, num_layers: int, seed: int) -> None:
-    """Random means and unit directions for L = 0..num_layers; L = 0 (the embedding output, where
-    every chat-formatted prompt ends in the same token) has equal means and no direction, as in
-    files measure.py writes, so a plan that uses measurement 0 fails."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for index in range(num_layers + 1):
-        harmless = torch.randn(HIDDEN_SIZE, generator=generator)
-        harmful = harmless.clone() if index == 0 else torch.randn(HIDDEN_SIZE, generator=generator)
-        refusal = harmful - harmless
-        norm = refusal.norm()
-        direction = refusal / norm if norm > 0 else torch.zeros_like(refusal)
-        layers[index] = LayerMeasurement(harmful, harmless, refusal, direction)
-    save_measurements(Measurements(num_layers, layers, meta={"model": "example-config fixture"}), path)
 
 
 def plan_for_fixture(config: Path, model: Path, measurements: Path, work: Path) -> Path:

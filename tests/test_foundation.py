@@ -8,10 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.errors import UserError, run_cli, writing
-from lib.measurements import LayerMeasurement, Measurements, load_measurements, save_measurements
+from lib.architectures import SUPPORTED_MODEL_TYPES
+from lib.errors import UserError, writing
+from lib.measurements import load_measurements, save_measurements
+from tests.cli_helpers import error_line
 from tests.filesystems import DEV_FULL, needs_dev_full
 from tests.fixtures import ALL_FAMILIES
+from tests.measurement_files import random_measurements
+
+
+def test_every_supported_family_has_a_fixture() -> None:
+    """The family tests run over the fixtures and take their architecture facts from lib/architectures.py,
+    so a new family is one table entry and one fixture config."""
+    assert ALL_FAMILIES == list(SUPPORTED_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
@@ -34,19 +43,9 @@ def test_single_file_fixture(tiny_model) -> None:
     assert not (directory / "model.safetensors.index.json").exists()
 
 
-def _measurements(hidden: int = 8) -> Measurements:
-    generator = torch.Generator().manual_seed(0)
-    layers = {}
-    for index in range(3):
-        harmful, harmless = torch.randn(hidden, generator=generator), torch.randn(hidden, generator=generator)
-        refusal = harmful - harmless
-        layers[index] = LayerMeasurement(harmful, harmless, refusal, refusal / refusal.norm())
-    return Measurements(num_layers=2, layers=layers, meta={"model": "x"})
-
-
 def test_measurement_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
-    save_measurements(_measurements(), path)
+    save_measurements(random_measurements(hidden_size=8, num_layers=2), path)
     loaded = load_measurements(path)
     assert loaded.num_layers == 2 and sorted(loaded.layers) == [0, 1, 2]
     assert torch.allclose(loaded.direction(1).norm(), torch.tensor(1.0))
@@ -96,27 +95,17 @@ def test_model_resolves_from_local_directory_and_hub_cache(tiny_model, tmp_path:
             resolve_model_directory(bad)
 
 
-def _cli_error(capsys: pytest.CaptureFixture, main) -> str:
-    """Run `main` through run_cli; check exit status 2 and return its single stderr line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 @needs_dev_full
 def test_a_full_disk_is_one_line_naming_the_file_being_written(capsys) -> None:
     def write_to_a_full_disk(argv) -> None:
         with writing(DEV_FULL):
             DEV_FULL.write_text("x")
 
-    line = _cli_error(capsys, write_to_a_full_disk)
+    line = error_line(capsys, write_to_a_full_disk, [])
     assert line == (
         f"error: {DEV_FULL}: no space left on device while writing; free some space or write elsewhere, "
         "then run again"
     )
     # A write that no caller attributed to a file still ends in one line, without a traceback.
-    unattributed = _cli_error(capsys, lambda argv: DEV_FULL.write_text("x"))
+    unattributed = error_line(capsys, lambda argv: DEV_FULL.write_text("x"), [])
     assert unattributed.startswith("error: no space left on device while writing")

@@ -14,8 +14,9 @@ from lib.loading import ModelLoadOptions, load_model
 from lib.measurements import load_measurements
 from lib.plan import load_plan
 from lib.resolution import resolve
-from tests.ablate_helpers import run_ablate, write_measurements, write_plan
+from tests.ablate_helpers import run_ablate, write_plan
 from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.measurement_files import write_measurements
 
 CPU_AUTO = ModelLoadOptions(dtype="auto", device_map="cpu")
 

@@ -14,7 +14,7 @@ from lib.loading import (
     add_model_loading_arguments,
     decoder_layers,
     estimate_weight_bytes,
-    load_model_and_tokenizer,
+    load_model,
     quantization_description,
     text_config,
 )
@@ -42,9 +42,7 @@ def test_flags_parse_into_options_with_the_callers_quantisation_flag() -> None:
 @pytest.mark.parametrize("quantization", [None, "4bit", "8bit"])
 def test_weight_estimate_matches_the_loaded_footprint(tiny_model, quantization: str | None) -> None:
     directory = tiny_model("gemma3_text")
-    model, _ = load_model_and_tokenizer(
-        str(directory), ModelLoadOptions(device_map="cpu", quantization=quantization)
-    )
+    model = load_model(directory, ModelLoadOptions(device_map="cpu", quantization=quantization), "--model")
     estimate = estimate_weight_bytes(AutoConfig.from_pretrained(directory), torch.float32, quantization)
     assert estimate == pytest.approx(model.get_memory_footprint(), rel=0.1)
     assert quantization_description(model) == (
@@ -55,13 +53,13 @@ def test_weight_estimate_matches_the_loaded_footprint(tiny_model, quantization: 
 
 
 def test_dtype_flag_overrides_the_checkpoint(tiny_model) -> None:
-    model, _ = load_model_and_tokenizer(str(tiny_model("llama")), ModelLoadOptions(dtype="bfloat16"))
+    model = load_model(tiny_model("llama"), ModelLoadOptions(dtype="bfloat16"), "--model")
     assert model.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
 def test_decoder_layers_found_in_every_family(tiny_model, model_type: str) -> None:
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model(model_type)), ModelLoadOptions())
+    model = load_model(tiny_model(model_type), ModelLoadOptions(), "--model")
     layers = decoder_layers(model)
     assert len(layers) == text_config(model.config).num_hidden_layers == 4
     if model_type == "gemma3":
@@ -72,4 +70,4 @@ def test_cuda_device_map_without_a_gpu_is_a_user_error(tiny_model) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(UserError, match="--device-map cuda: no CUDA device"):
-        load_model_and_tokenizer(str(tiny_model("llama")), ModelLoadOptions(device_map="cuda"))
+        load_model(tiny_model("llama"), ModelLoadOptions(device_map="cuda"), "--model")

@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lib.errors import run_cli
 from measure import main
+from tests.cli_helpers import error_line
 from tests.fixtures import DAMAGES, build_config, build_tokenizer, copy_without_chat_template, damaged_copy
 from tests.measure_helpers import run_measure, write_prompt_files
 from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
-
-
-def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    """Run measure.py's CLI wrapper in-process; return its single stderr line after checking status 2."""
-    capsys.readouterr()  # drop anything printed while preparing (fixture builds)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture()
@@ -48,7 +37,7 @@ def _no_output(workspace: Path) -> bool:
 
 
 def test_missing_model_directory(capsys, workspace: Path) -> None:
-    line = _fails(capsys, _arguments(workspace, workspace / "no-such-model"))
+    line = error_line(capsys, main, _arguments(workspace, workspace / "no-such-model"))
     assert line.startswith("error: --model ") and "not found" in line
     assert _no_output(workspace)
 
@@ -71,7 +60,7 @@ def test_bad_prompt_files(
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    line = _fails(capsys, _arguments(workspace, tiny_model("llama"), **{flag: str(path)}))
+    line = error_line(capsys, main, _arguments(workspace, tiny_model("llama"), **{flag: str(path)}))
     assert line.startswith(f"error: {flag} {path}: ") and message in line
     assert _no_output(workspace)
 
@@ -79,7 +68,7 @@ def test_bad_prompt_files(
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_model_files_are_named(capsys, tiny_model, workspace: Path, damage: str) -> None:
     model, broken = damaged_copy(tiny_model("llama"), workspace / "damaged", damage)
-    line = _fails(capsys, _arguments(workspace, model))
+    line = error_line(capsys, main, _arguments(workspace, model))
     assert line.startswith(f"error: {broken}: "), line
     if broken.suffix == ".json":
         assert "invalid JSON (" in line or "which is missing" in line
@@ -91,14 +80,14 @@ def test_shard_that_safetensors_refuses_is_one_line(capsys, tiny_model, workspac
     model = Path(shutil.copytree(tiny_model("llama"), workspace / "padded"))
     with open(sorted(model.glob("model-*.safetensors"))[1], "ab") as handle:
         handle.write(b"trailing bytes")
-    line = _fails(capsys, _arguments(workspace, model))
+    line = error_line(capsys, main, _arguments(workspace, model))
     assert line.startswith("error: ") and str(model) in line
     assert _no_output(workspace)
 
 
 def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> None:
     model = copy_without_chat_template(tiny_model("llama"), workspace / "no-template")
-    line = _fails(capsys, _arguments(workspace, model))
+    line = error_line(capsys, main, _arguments(workspace, model))
     assert (
         line.startswith(f"error: --model {model}: ")
         and "no chat template" in line
@@ -112,7 +101,7 @@ def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> Non
 
 @pytest.mark.parametrize("output", ["missing-directory/m.pt", "out"])
 def test_unwritable_output(capsys, tiny_model, workspace: Path, output: str) -> None:
-    line = _fails(capsys, _arguments(workspace, tiny_model("llama"), **{"--output": str(workspace / output)}))
+    line = error_line(capsys, main, _arguments(workspace, tiny_model("llama"), **{"--output": str(workspace / output)}))
     assert line.startswith("error: --output ")
     assert _no_output(workspace) and not (workspace / "missing-directory").exists()
 
@@ -131,7 +120,7 @@ def test_model_too_big_for_memory_stops_before_loading(capsys, workspace: Path) 
         dtype="bfloat16",
     ).save_pretrained(model)
     build_tokenizer().save_pretrained(model)
-    line = _fails(capsys, _arguments(workspace, model, **{"--device-map": "cpu"}))
+    line = error_line(capsys, main, _arguments(workspace, model, **{"--device-map": "cpu"}))
     assert line.startswith(f"error: --model {model}: the weights need about ")
     assert "bfloat16" in line and "--quant-measure 4bit" in line and "--device-map auto" in line
     assert _no_output(workspace)
@@ -144,7 +133,7 @@ def test_output_without_room_stops_before_loading(capsys, workspace: Path) -> No
     build_config("llama", num_hidden_layers=100_000, hidden_size=1 << 30).save_pretrained(model)
     build_tokenizer().save_pretrained(model)
     output = workspace / "out" / "m.pt"
-    line = _fails(capsys, _arguments(workspace, model))
+    line = error_line(capsys, main, _arguments(workspace, model))
     assert line.startswith(f"error: --output {output}: needs ") and "safety margin but only" in line
     assert _no_output(workspace)
 

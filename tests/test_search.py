@@ -30,9 +30,10 @@ from lib.plan_search import (
     trial_plan_of,
 )
 from lib.resolution import Resolution
-from tests.ablate_helpers import run_ablate, write_measurements
+from tests.ablate_helpers import run_ablate
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
+from tests.measurement_files import write_measurements
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
