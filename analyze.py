@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.atomic import check_writable_destination
-from lib.errors import UserError, run_cli
+from lib.core.atomic import check_writable_destination
+from lib.core.errors import UserError, run_cli
 
 # Only light modules at the top: --help and usage errors answer before torch loads (main imports the rest).
 
@@ -89,7 +89,7 @@ def plan_locations(arguments: argparse.Namespace, parser: argparse.ArgumentParse
         return None
     if not arguments.model or not arguments.output:
         parser.error("--suggest needs --model DIR and --output DIR")
-    from lib.plan_suggestion import check_plan_destination
+    from lib.analyze.plan_suggestion import check_plan_destination
 
     check_plan_destination(arguments.suggest)
     # Absolute paths keep the plan valid wherever it is moved or run from; hub ids stay ids.
@@ -102,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     chart = chart_path(arguments)
     locations = plan_locations(arguments, parser)
-    from lib.analysis_report import format_summary, format_table, report_data
-    from lib.measurements import load_measurements
-    from lib.model_files import read_config, resolve_model_directory
-    from lib.plan_suggestion import check_model_matches, plan_yaml, suggest_plan, write_plan
-    from lib.signal_metrics import analyze_measurements
+    from lib.analyze.report import format_summary, format_table, report_data
+    from lib.measure.measurements import load_measurements
+    from lib.core.model_files import read_config, resolve_model_directory
+    from lib.analyze.plan_suggestion import check_model_matches, plan_yaml, suggest_plan, write_plan
+    from lib.analyze.signal_metrics import analyze_measurements
 
     measurements = load_measurements(arguments.measurements)
     if locations is not None:
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     title = f"Refusal-direction analysis: {arguments.measurements.name}"
     if chart is not None or arguments.show:
-        from lib.charts import save_chart, show_chart  # matplotlib is only imported when a chart is wanted
+        from lib.analyze.charts import save_chart, show_chart  # matplotlib is only imported when a chart is wanted
 
         if chart is not None:
             save_chart(report, suggestion, title, chart)

@@ -2,7 +2,7 @@
 
 The conversation's history goes through the model's chat template for every reply (with
 --no-chat-template it is sent as raw text, for models without a template). Commands:
-/clear, /system TEXT, /exit (see lib/chat_session.py). Decoding is greedy unless --temperature
+/clear, /system TEXT, /exit (see lib/evaluate/chat_session.py). Decoding is greedy unless --temperature
 is above 0. See docs/evaluate.md.
 """
 
@@ -12,17 +12,17 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from lib.arguments import non_negative_float, positive_integer, probability
-from lib.chat_session import HELP_TEXT, Action, Conversation, parse_line
-from lib.cli_options import add_model_loading_arguments, add_no_chat_template_argument
-from lib.errors import UserError, run_cli, warn
+from lib.core.arguments import non_negative_float, positive_integer, probability
+from lib.evaluate.chat_session import HELP_TEXT, Action, Conversation, parse_line
+from lib.core.cli_options import add_model_loading_arguments, add_no_chat_template_argument
+from lib.core.errors import UserError, run_cli, warn
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.
 # The functions import the rest where they need it.
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from lib.generation import DecodingSettings
+    from lib.core.generation import DecodingSettings
 
 PROMPT = "> "
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -85,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--prompt: the message is empty")
     if arguments.top_p < 1 and arguments.temperature == 0:
         warn("--top-p only applies when sampling; add --temperature above 0")
-    from lib.chat_format import require_chat_template
-    from lib.generation import DecodingSettings
-    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
-    from lib.model_files import resolve_model_directory
+    from lib.core.chat_format import require_chat_template
+    from lib.core.generation import DecodingSettings
+    from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.core.model_files import resolve_model_directory
 
     # The tokenizer and template are checked before the (slow) weights load.
     model_directory = resolve_model_directory(arguments.model, "--model")
@@ -152,7 +152,7 @@ def chat_loop(
 
 def model_positions(model: PreTrainedModel) -> int | None:
     """The longest sequence (prompt and reply) the model was built for, where its config says."""
-    from lib.loading import text_config
+    from lib.core.loading import text_config
 
     return getattr(text_config(model.config), "max_position_embeddings", None)
 
@@ -174,7 +174,7 @@ def reply(
     interactive: bool,
 ) -> None:
     """Stream the model's reply to `message` and add the exchange to the conversation."""
-    from lib.generation import stream_reply
+    from lib.core.generation import stream_reply
 
     token_ids = conversation_token_ids(tokenizer, conversation, message)
     positions = model_positions(model)
@@ -223,7 +223,7 @@ def conversation_token_ids(
     system_flag: str = "--system",
 ) -> list[int]:
     """The conversation so far and `message` as the user's next turn, formatted as the conversation asks."""
-    from lib.chat_format import tokenize_conversation
+    from lib.core.chat_format import tokenize_conversation
 
     return tokenize_conversation(
         tokenizer, conversation.messages(message), system_flag, conversation.use_chat_template

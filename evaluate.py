@@ -15,22 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lib.arguments import non_negative_integer, positive_integer
-from lib.atomic import check_writable_destination
-from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
-from lib.errors import UserError, run_cli
-from lib.prompts import DEFAULT_EVALUATION_HARMFUL_PROMPTS, DEFAULT_EVALUATION_HARMLESS_PROMPTS, load_prompts
-from lib.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
+from lib.core.arguments import non_negative_integer, positive_integer
+from lib.core.atomic import check_writable_destination
+from lib.core.cli_options import add_model_loading_arguments, add_prompt_set_arguments
+from lib.core.errors import UserError, run_cli
+from lib.core.prompts import DEFAULT_EVALUATION_HARMFUL_PROMPTS, DEFAULT_EVALUATION_HARMLESS_PROMPTS, load_prompts
+from lib.evaluate.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.
 # The functions import the rest where they need it.
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from lib.checkpoint import Checkpoint
-    from lib.evaluation import ModelSource
-    from lib.in_memory_edit import InMemoryEditor
-    from lib.resolution import Resolution
+    from lib.ablate.checkpoint import Checkpoint
+    from lib.evaluate.evaluation import ModelSource
+    from lib.ablate.in_memory_edit import InMemoryEditor
+    from lib.ablate.resolution import Resolution
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--plan with {arguments.quantization_flag} {arguments.quantization}: a preview edits the "
                         "loaded weights, which must not be quantised; drop the flag (or write the model with "
                         "sharded_ablate.py and evaluate it with --ablated)")
-    from lib.chat_format import require_chat_template, tokenize_chat_prompts
-    from lib.evaluation import (
+    from lib.core.chat_format import require_chat_template, tokenize_chat_prompts
+    from lib.evaluate.evaluation import (
         ABLATED,
         HARMFUL,
         HARMLESS,
@@ -150,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_original_and_edit_in_memory,
         write_report,
     )
-    from lib.generation import DecodingSettings
-    from lib.loading import ModelLoadOptions, check_weight_files, load_tokenizer
-    from lib.model_files import resolve_model_directory
+    from lib.core.generation import DecodingSettings
+    from lib.core.loading import ModelLoadOptions, check_weight_files, load_tokenizer
+    from lib.core.model_files import resolve_model_directory
 
     detector = load_refusal_detector(arguments.markers, "--markers")
     prompt_files = {HARMFUL: arguments.harmful, HARMLESS: arguments.harmless}
@@ -219,18 +219,18 @@ class PlanPreview:
     resolution: Resolution
 
     def editor_for(self, model: PreTrainedModel) -> InMemoryEditor:
-        from lib.in_memory_edit import InMemoryEditor
+        from lib.ablate.in_memory_edit import InMemoryEditor
 
         return InMemoryEditor(model, self.checkpoint)
 
 
 def plan_preview(plan_path: Path, original: ModelSource) -> PlanPreview:
     """The plan resolved against ORIGINAL's checkpoint, before any model loads: its errors come first."""
-    from lib.checkpoint import open_checkpoint
-    from lib.evaluation import ABLATED, ModelSource
-    from lib.measurements import load_measurements
-    from lib.plan import load_plan
-    from lib.resolution import resolve
+    from lib.ablate.checkpoint import open_checkpoint
+    from lib.evaluate.evaluation import ABLATED, ModelSource
+    from lib.measure.measurements import load_measurements
+    from lib.ablate.plan import load_plan
+    from lib.ablate.resolution import resolve
 
     plan = load_plan(plan_path)
     checkpoint = open_checkpoint(original.directory, "--model")

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.arguments import non_negative_integer
-from lib.atomic import check_writable_destination
-from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
-from lib.errors import run_cli
-from lib.prompts import (
+from lib.core.arguments import non_negative_integer
+from lib.core.atomic import check_writable_destination
+from lib.core.cli_options import add_model_loading_arguments, add_prompt_set_arguments
+from lib.core.errors import run_cli
+from lib.core.prompts import (
     DEFAULT_HARMFUL_PROMPTS,
     DEFAULT_HARMLESS_PROMPTS,
     SEARCH_HOLD_BACK_RULE,
@@ -90,12 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = {name: split_for_search(texts)[0] or texts for name, texts in loaded.items()}
     prompts = {name: texts[: arguments.max_prompts] for name, texts in loaded.items()}
     # The prompt files are checked; now the libraries the model needs (seconds to import).
-    from lib.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
-    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
-    from lib.measurements import save_measurements
-    from lib.model_files import resolve_model_directory
-    from lib.refusal import measurement_meta, refusal_measurements
-    from lib.residual_capture import measure_last_token_residuals
+    from lib.core.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
+    from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measure.measurements import save_measurements
+    from lib.core.model_files import resolve_model_directory
+    from lib.measure.directions import measurement_meta, refusal_measurements
+    from lib.measure.residual_capture import measure_last_token_residuals
 
     model_directory = resolve_model_directory(arguments.model, "--model")
     label = f"--model {arguments.model}"
@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_space(output: Path, model_directory: Path, label: str) -> None:
     """Stop before the model loads when the measurement file will not fit where it is to be written."""
-    from lib.loading import load_config, text_config
-    from lib.measurements import estimated_file_bytes
-    from lib.output_guard import check_free_space
+    from lib.core.loading import load_config, text_config
+    from lib.measure.measurements import estimated_file_bytes
+    from lib.core.atomic import check_free_space
 
     config = text_config(load_config(model_directory, label))
     check_free_space(output, estimated_file_bytes(config.num_hidden_layers, config.hidden_size), "--output")

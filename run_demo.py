@@ -34,7 +34,7 @@ from pathlib import Path
 
 from demo.base_model import ADAPTER_DIRECTORY, default_cache_directory, refusing_model_directory
 from demo.check_report import check_targets
-from lib.errors import UserError, run_cli
+from lib.core.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
 SEARCH_TRIALS = 30  # the demo's search budget: a few minutes on 2 CPU cores (docs/demo.md)

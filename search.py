@@ -18,21 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lib.arguments import non_negative_integer, positive_float, positive_integer
-from lib.atomic import check_writable_destination
-from lib.cli_options import add_model_loading_arguments, add_prompt_set_arguments
-from lib.errors import UserError, run_cli, warn
-from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, file_sha256, load_prompts, split_for_search
-from lib.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
+from lib.core.arguments import non_negative_integer, positive_float, positive_integer
+from lib.core.atomic import check_writable_destination
+from lib.core.cli_options import add_model_loading_arguments, add_prompt_set_arguments
+from lib.core.errors import UserError, run_cli, warn
+from lib.core.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, file_sha256, load_prompts, split_for_search
+from lib.evaluate.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
 
 # Only light modules at the top: --help and usage errors answer before torch, transformers and Optuna
 # load. The functions import the rest where they need it.
 if TYPE_CHECKING:
     import optuna
 
-    from lib.checkpoint import Checkpoint
-    from lib.measurements import Measurements
-    from lib.plan_search import SearchSpace, TrialScorer
+    from lib.ablate.checkpoint import Checkpoint
+    from lib.measure.measurements import Measurements
+    from lib.search.engine import SearchSpace, TrialScorer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = load_refusal_detector(arguments.markers, "--markers")
     from tqdm import tqdm
 
-    from lib.chat_format import require_chat_template, tokenize_chat_prompts
-    from lib.checkpoint import open_checkpoint
-    from lib.loading import ModelLoadOptions, load_model, load_tokenizer
-    from lib.measurements import load_measurements
-    from lib.plan_search import (
+    from lib.core.chat_format import require_chat_template, tokenize_chat_prompts
+    from lib.ablate.checkpoint import open_checkpoint
+    from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
+    from lib.measure.measurements import load_measurements
+    from lib.search.engine import (
         PlanContext,
         ScoringPrompts,
         SearchSpace,
@@ -100,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_of,
         suggestion_trials,
     )
-    from lib.plan_suggestion import candidate_measurements, suggest_plan
-    from lib.signal_metrics import analyze_measurements
+    from lib.analyze.plan_suggestion import candidate_measurements, suggest_plan
+    from lib.analyze.signal_metrics import analyze_measurements
 
     measurements = load_measurements(arguments.measurements)
     checkpoint = open_checkpoint(arguments.model, "--model")
@@ -185,7 +185,7 @@ def scoring_texts(arguments: argparse.Namespace, measurements: Measurements) -> 
 def search_settings(arguments: argparse.Namespace, checkpoint: Checkpoint, texts: dict[str, list[str]],
                     space: SearchSpace) -> dict:
     """What makes trials comparable: a study only resumes with exactly these."""
-    from lib.plan_search import SCALE_RANGE
+    from lib.search.engine import SCALE_RANGE
 
     prompt_digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
     return {
@@ -210,7 +210,7 @@ def open_study(arguments: argparse.Namespace, settings: dict, starting_points: l
     """A new study, or the one in --storage with the same settings (its finished trials count)."""
     import optuna
 
-    from lib.plan_search import fail_interrupted_trials, finished_count, make_sampler
+    from lib.search.engine import fail_interrupted_trials, finished_count, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -235,8 +235,8 @@ def open_study(arguments: argparse.Namespace, settings: dict, starting_points: l
 def write_outputs(arguments: argparse.Namespace, study: optuna.Study, scorer: TrialScorer, settings: dict) -> int:
     import optuna
 
-    from lib.plan_search import choose, completed, pareto_front
-    from lib.search_report import SearchOutcome, plan_text, report_document, save_search_chart, write_text
+    from lib.search.engine import choose, completed, pareto_front
+    from lib.search.report import SearchOutcome, plan_text, report_document, save_search_chart, write_text
 
     finished = completed(study)
     chosen = choose(finished, arguments.refusal_target)

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lib.atomic import atomic_directory, recover_interrupted
-from lib.errors import UserError, run_cli, writing
+from lib.core.atomic import atomic_directory, recover_interrupted
+from lib.core.errors import UserError, run_cli, writing
 
 # Only light modules at the top: --help and usage errors answer before torch loads (main imports the rest).
 if TYPE_CHECKING:
@@ -62,23 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from lib.ablation import (
-        copy_non_weight_files,
-        edit_table,
-        non_weight_bytes,
-        non_weight_files,
-        output_config,
-        plan_output,
-        write_index,
-        write_plan_and_card,
-        write_weights,
-    )
-    from lib.checkpoint import open_checkpoint
-    from lib.measurements import load_measurements
-    from lib.output_guard import check_free_space, check_output_location, output_lock
-    from lib.plan import load_plan
-    from lib.resolution import resolve
-    from lib.safetensors_stream import return_freed_tensors_to_the_system
+    from lib.ablate.companion_files import copy_non_weight_files, non_weight_bytes, non_weight_files, output_config
+    from lib.ablate.record import edit_table, write_plan_and_card
+    from lib.ablate.writing import plan_output, write_index, write_weights
+    from lib.ablate.checkpoint import open_checkpoint
+    from lib.measure.measurements import load_measurements
+    from lib.ablate.output_guard import check_output_location, output_lock
+    from lib.core.atomic import check_free_space
+    from lib.ablate.plan import load_plan
+    from lib.ablate.resolution import resolve
+    from lib.ablate.safetensors_stream import return_freed_tensors_to_the_system
 
     return_freed_tensors_to_the_system()
     device = compute_device(arguments.device)

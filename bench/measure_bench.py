@@ -2,7 +2,7 @@
 
 Same run, same model, same prompts, same token ids, same batch size:
 
-  measure       lib.residual_capture: length-sorted left-padded batches, plain forward passes of the
+  measure       lib.measure.residual_capture: length-sorted left-padded batches, plain forward passes of the
                 base model, the prompts' shared prefix computed once, hooks keeping the last-token
                 residual of each layer, float64 Welford.
   conventional  what llm-abliteration style tools do: batches in file order, padded on the left,
@@ -37,11 +37,11 @@ import torch
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
-from lib.batching import length_sorted_order  # noqa: E402
-from lib.chat_format import left_pad, pad_token_id_of, tokenize_chat_prompts  # noqa: E402
-from lib.loading import ModelLoadOptions, load_model, load_tokenizer  # noqa: E402
-from lib.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts  # noqa: E402
-from lib.residual_capture import common_prefix_length, measure_last_token_residuals  # noqa: E402
+from lib.core.batching import length_sorted_order  # noqa: E402
+from lib.core.chat_format import left_pad, pad_token_id_of, tokenize_chat_prompts  # noqa: E402
+from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer  # noqa: E402
+from lib.core.prompts import DEFAULT_HARMFUL_PROMPTS, DEFAULT_HARMLESS_PROMPTS, load_prompts  # noqa: E402
+from lib.measure.residual_capture import common_prefix_length, measure_last_token_residuals  # noqa: E402
 
 WORK_DIRECTORY = REPOSITORY / "bench" / "work"
 MODEL_DIRECTORY = WORK_DIRECTORY / "llama-150m-bf16"

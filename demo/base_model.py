@@ -21,8 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lib.atomic import atomic_directory
-from lib.errors import UserError
+from lib.core.atomic import atomic_directory
+from lib.core.errors import UserError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ADAPTER_DIRECTORY = REPOSITORY / "demo" / "adapter"

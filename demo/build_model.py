@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.base_model import base_model_directory, default_cache_directory
 from demo.tuning_settings import TuningSettings
-from lib.arguments import non_negative_integer, positive_float, positive_integer
-from lib.atomic import atomic_directory, check_new_directory
-from lib.errors import run_cli
+from lib.core.arguments import non_negative_integer, positive_float, positive_integer
+from lib.core.atomic import atomic_directory, check_new_directory
+from lib.core.errors import run_cli
 
 # Only light modules at the top: --help and usage errors answer before torch, transformers and peft
 # load. main() imports the rest.

@@ -25,10 +25,10 @@ from pathlib import Path
 # Entry scripts run as `python demo/build_toy_model.py`: make the repository's `lib` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.arguments import positive_float, positive_integer
-from lib.atomic import atomic_directory, check_new_directory
-from lib.demo_settings import DemoSettings
-from lib.errors import UserError, run_cli
+from lib.core.arguments import positive_float, positive_integer
+from lib.core.atomic import atomic_directory, check_new_directory
+from demo.toy_settings import DemoSettings
+from lib.core.errors import UserError, run_cli
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.
 # main() imports the rest.
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from lib.demo_model import (
+    from demo.toy_model import (
         EVALUATION_FILES,
         evaluate_refusals,
         read_prompts,

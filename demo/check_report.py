@@ -24,7 +24,7 @@ from pathlib import Path
 # Entry scripts run as `python demo/check_report.py`: make the repository's `lib` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.errors import UserError, run_cli
+from lib.core.errors import UserError, run_cli
 
 
 @dataclass(frozen=True)

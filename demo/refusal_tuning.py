@@ -30,8 +30,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from demo.tuning_settings import TuningSettings
-from lib.chat_format import tokenize_chat_prompts
-from lib.demo_model import (
+from lib.core.chat_format import tokenize_chat_prompts
+from demo.toy_model import (
     TrainingSchedule,
     collate,
     evaluate_refusals,
@@ -39,7 +39,7 @@ from lib.demo_model import (
     run_training_steps,
     training_file_digests,
 )
-from lib.generation import DecodingSettings, generate_replies
+from lib.core.generation import DecodingSettings, generate_replies
 
 TRAINING_RECORD = "training.json"
 HELD_BACK_PROMPTS = 200  # of each kind, never trained on: the build's own check of what it learned

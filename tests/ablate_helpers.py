@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 
 import sharded_ablate
-from lib.errors import run_cli
+from lib.core.errors import run_cli
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, SANDWICH_NORM_FAMILIES
 from tests.measurement_files import write_measurements
 

@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from lib.errors import run_cli
+from lib.core.errors import run_cli
 
 
 def error_line(capsys: pytest.CaptureFixture, main: Callable, argv: Sequence[str]) -> str:

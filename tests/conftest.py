@@ -63,7 +63,7 @@ def single_torch_thread():
 @pytest.fixture(scope="session")
 def shipped_demo_model() -> Path:
     """The demo chat model the repository ships in demo/model/ (read-only: shared by the session)."""
-    from lib.demo_model import SHIPPED_MODEL_DIRECTORY
+    from demo.toy_model import SHIPPED_MODEL_DIRECTORY
 
     assert (SHIPPED_MODEL_DIRECTORY / "config.json").is_file(), f"{SHIPPED_MODEL_DIRECTORY} is missing"
     return SHIPPED_MODEL_DIRECTORY

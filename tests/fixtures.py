@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lib.architectures import FAMILIES, Role, TensorRule
-from lib.tokenizer_training import train_byte_level_bpe
+from lib.ablate.architectures import FAMILIES, Role, TensorRule
+from demo.tokenizer_training import train_byte_level_bpe
 
 HIDDEN_SIZE = 64
 DEFAULT_NUM_LAYERS = 4

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lib.measurements import LayerMeasurement, Measurements, save_measurements
+from lib.measure.measurements import LayerMeasurement, Measurements, save_measurements
 
 HIDDEN_SIZE = 64
 HARMLESS_DIMENSIONS = 16

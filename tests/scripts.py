@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import pytest
 
-from lib.errors import run_cli
+from lib.core.errors import run_cli
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from tests.measurement_files import write_measurements
 # Which measured direction each edited layer uses; layer 0 stays untouched.
 LAYER_MEASUREMENTS = {1: 3, 2: 2, 3: 0}
 EDITED_LAYERS = "|".join(str(layer) for layer in LAYER_MEASUREMENTS)
-# Written independently of lib/architectures.py: the tensors a default plan must edit, and only those.
+# Written independently of lib/ablate/architectures.py: the tensors a default plan must edit, and only those.
 EXPECTED_EDITED = re.compile(
     rf".*layers\.({EDITED_LAYERS})\.("
     r"self_attn\.o_proj\.(weight|bias)"

@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lib.errors import UserError
-from lib.safetensors_stream import BackgroundWriter, HeaderEntry, queue_shard, read_header, read_tensor
+from lib.core.errors import UserError
+from lib.ablate.safetensors_stream import BackgroundWriter, HeaderEntry, queue_shard, read_header, read_tensor
 from tests.ablate_helpers import write_raw_safetensors
 
 

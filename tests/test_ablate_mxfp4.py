@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from lib import mxfp4
+from lib.ablate import mxfp4
 from tests.ablate_helpers import (
     component_ratios,
     read_all_tensors,

@@ -15,8 +15,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lib.errors import UserError
-from lib.output_guard import check_free_space, lock_path, output_lock
+from lib.core.errors import UserError
+from lib.ablate.output_guard import lock_path, output_lock
+from lib.core.atomic import check_free_space
 from tests.ablate_helpers import (
     make_plan,
     read_all_tensors,

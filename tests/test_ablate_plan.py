@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.measurements import LayerMeasurement, Measurements, save_measurements
-from lib.plan import load_plan
+from lib.measure.measurements import LayerMeasurement, Measurements, save_measurements
+from lib.ablate.plan import load_plan
 from tests.ablate_helpers import rewrite_header, run_ablate, write_plan
 from tests.fixtures import DAMAGES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, damaged_copy
 from tests.measurement_files import write_measurements

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lib.architectures import RESIDUAL_FIRST, RESIDUAL_LAST
-from lib.projection import (
+from lib.ablate.architectures import RESIDUAL_FIRST, RESIDUAL_LAST
+from lib.ablate.projection import (
     DegenerateDirectionError,
     interpolated,
     mean_direction,

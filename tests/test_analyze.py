@@ -19,12 +19,12 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 import analyze
-from lib.charts import CHART_PIXELS, analysis_figure
-from lib.errors import UserError, run_cli
-from lib.measurements import load_measurements
-from lib.plan import load_plan, parse_plan
-from lib.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, plan_yaml, suggest_plan
-from lib.signal_metrics import SignalReport, analyze_measurements
+from lib.analyze.charts import CHART_PIXELS, analysis_figure
+from lib.core.errors import UserError, run_cli
+from lib.measure.measurements import load_measurements
+from lib.ablate.plan import load_plan, parse_plan
+from lib.analyze.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, plan_yaml, suggest_plan
+from lib.analyze.signal_metrics import SignalReport, analyze_measurements
 from tests.conftest import FixtureFactory
 from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit

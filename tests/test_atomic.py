@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.atomic import atomic_directory, atomic_file
+from lib.core.atomic import atomic_directory, atomic_file
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

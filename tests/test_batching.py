@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.batching import BatchSizer, is_out_of_memory, length_sorted_order, run_in_batches
-from lib.errors import UserError
+from lib.core.batching import BatchSizer, is_out_of_memory, length_sorted_order, run_in_batches
+from lib.core.errors import UserError
 
 CPU = torch.device("cpu")
 PROMPTS = [[7] * length for length in (1, 2, 3, 4, 5)]  # longest first: 4, 3, 2, 1, 0

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from chat import main
-from lib.chat_format import tokenize_conversation
-from lib.chat_session import Action, Conversation, parse_line
-from lib.errors import UserError
+from lib.core.chat_format import tokenize_conversation
+from lib.evaluate.chat_session import Action, Conversation, parse_line
+from lib.core.errors import UserError
 from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, copy_without_chat_template
 from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tokenizers import processors
 
-from lib.chat_format import left_pad, require_chat_template, tokenize_chat_prompts
-from lib.errors import UserError
+from lib.core.chat_format import left_pad, require_chat_template, tokenize_chat_prompts
+from lib.core.errors import UserError
 from tests.fixtures import CHAT_TEMPLATE, build_tokenizer
 
 PROMPTS = ["hi", "How do I bake bread at home?"]

@@ -11,7 +11,7 @@ from functools import cache
 
 import pytest
 
-from lib.prompts import DATA_DIRECTORY
+from lib.core.prompts import DATA_DIRECTORY
 
 # Every file the demo model trains on: the measurement sets and the larger demo training sets.
 TRAINING_FILES = ("harmful.txt", "harmless.txt", "demo_train_harmful.txt", "demo_train_harmless.txt")

@@ -28,7 +28,7 @@ from demo.base_model import (
     merge_adapter,
     refusing_model_directory,
 )
-from lib.errors import UserError
+from lib.core.errors import UserError
 from tests.ablate_helpers import read_all_tensors, tree_digest
 
 TARGETED_MODULES = ("q_proj", "v_proj", "down_proj")

@@ -1,4 +1,4 @@
-"""demo/check_report.py on reports made by evaluate.py's own report writer (lib.evaluation.build_report).
+"""demo/check_report.py on reports made by evaluate.py's own report writer (lib.evaluate.evaluation.build_report).
 
 Rates on the bounds (9 of 10 harmful prompts refused by the original, 1 of 10 by the ablated model)
 must count as met: the targets are "at least 90%" and "at most 10%".
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from demo.check_report import TARGETS, check_targets, main
-from lib.divergence import DivergenceSummary
-from lib.errors import UserError, run_cli
-from lib.evaluation import (
+from lib.evaluate.divergence import DivergenceSummary
+from lib.core.errors import UserError, run_cli
+from lib.evaluate.evaluation import (
     ABLATED,
     HARMFUL,
     HARMLESS,
@@ -26,9 +26,9 @@ from lib.evaluation import (
     ScoredReply,
     build_report,
 )
-from lib.generation import DecodingSettings
-from lib.loading import ModelLoadOptions
-from lib.refusal_markers import load_refusal_detector
+from lib.core.generation import DecodingSettings
+from lib.core.loading import ModelLoadOptions
+from lib.evaluate.refusal_markers import load_refusal_detector
 
 PROMPTS_PER_KIND = 10
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from demo.build_toy_model import main
-from lib.demo_model import (
+from demo.toy_model import (
     END_OF_TURN,
     EVALUATION_FILES,
     TRAINING_RECORD,
@@ -29,8 +29,8 @@ from lib.demo_model import (
     train_demo_model,
     training_file_digests,
 )
-from lib.errors import run_cli
-from lib.refusal_markers import load_refusal_detector
+from lib.core.errors import run_cli
+from lib.evaluate.refusal_markers import load_refusal_detector
 
 MAX_NEW_TOKENS = 20
 TRAINING_SAMPLE = 64

@@ -34,10 +34,10 @@ from demo.refusal_tuning import (
     split_held_back,
     train_adapter,
 )
-from lib.chat_format import tokenize_chat_prompts
-from lib.demo_model import next_token_loss, read_training_prompts
-from lib.errors import UserError
-from lib.refusal_markers import load_refusal_detector
+from lib.core.chat_format import tokenize_chat_prompts
+from demo.toy_model import next_token_loss, read_training_prompts
+from lib.core.errors import UserError
+from lib.evaluate.refusal_markers import load_refusal_detector
 
 DRAWS = 500
 HARMFUL_PROMPTS = [

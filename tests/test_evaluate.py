@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from evaluate import main
-from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
-from lib.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
-from lib.generation import DecodingSettings, generate_replies
-from lib.loading import ModelLoadOptions, load_model, load_tokenizer
-from lib.refusal_markers import EMPTY_REPLY, load_refusal_detector
+from lib.core.chat_format import pad_token_id_of, tokenize_chat_prompts
+from lib.evaluate.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
+from lib.core.generation import DecodingSettings, generate_replies
+from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
+from lib.evaluate.refusal_markers import EMPTY_REPLY, load_refusal_detector
 from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, damaged_copy
 from tests.generation_helpers import reference_first_token_log_probabilities, reference_greedy_reply

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evaluate import main
-from lib.errors import run_cli
+from lib.core.errors import run_cli
 from tests.ablate_helpers import run_ablate, write_plan
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.measurement_files import write_measurements

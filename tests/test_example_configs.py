@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 import sharded_ablate
-from lib.architectures import FAMILIES
-from lib.checkpoint import open_checkpoint
-from lib.measurements import load_measurements
-from lib.plan import Plan, load_plan
-from lib.resolution import Resolution, resolve
+from lib.ablate.architectures import FAMILIES
+from lib.ablate.checkpoint import open_checkpoint
+from lib.measure.measurements import load_measurements
+from lib.ablate.plan import Plan, load_plan
+from lib.ablate.resolution import Resolution, resolve
 from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
 from tests.measurement_files import write_measurements
 
@@ -68,7 +68,7 @@ REAL_MODELS: dict[str, RealModel] = {
 class FamilyTensors:
     """The tensors a full plan edits in one layer, by component, as the released checkpoints name them.
 
-    Written from the checkpoints, independently of lib/architectures.py. `{expert}` stands for every
+    Written from the checkpoints, independently of lib/ablate/architectures.py. `{expert}` stands for every
     routed expert; `dense_layer` applies to the first `first_dense_layers` layers of a MoE model.
     """
 

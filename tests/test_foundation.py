@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.architectures import SUPPORTED_MODEL_TYPES
-from lib.errors import UserError, writing
-from lib.measurements import load_measurements, save_measurements
+from lib.ablate.architectures import SUPPORTED_MODEL_TYPES
+from lib.core.errors import UserError, writing
+from lib.measure.measurements import load_measurements, save_measurements
 from tests.cli_helpers import error_line
 from tests.filesystems import DEV_FULL, needs_dev_full
 from tests.fixtures import ALL_FAMILIES
@@ -18,7 +18,7 @@ from tests.measurement_files import random_measurements
 
 
 def test_every_supported_family_has_a_fixture() -> None:
-    """The family tests run over the fixtures and take their architecture facts from lib/architectures.py,
+    """The family tests run over the fixtures and take their architecture facts from lib/ablate/architectures.py,
     so a new family is one table entry and one fixture config."""
     assert ALL_FAMILIES == list(SUPPORTED_MODEL_TYPES)
 
@@ -82,7 +82,7 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
 
 
 def test_model_resolves_from_local_directory_and_hub_cache(tiny_model, tmp_path: Path, monkeypatch) -> None:
-    from lib.model_files import resolve_model_directory, weight_files
+    from lib.core.model_files import resolve_model_directory, weight_files
     from tests.fixtures import install_in_hub_cache
 
     source = tiny_model("llama")

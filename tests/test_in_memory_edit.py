@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.checkpoint import open_checkpoint
-from lib.errors import UserError
-from lib.in_memory_edit import InMemoryEditor, edited_in_memory
-from lib.loading import ModelLoadOptions, load_model
-from lib.measurements import load_measurements
-from lib.plan import load_plan
-from lib.resolution import resolve
+from lib.ablate.checkpoint import open_checkpoint
+from lib.core.errors import UserError
+from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
+from lib.core.loading import ModelLoadOptions, load_model
+from lib.measure.measurements import load_measurements
+from lib.ablate.plan import load_plan
+from lib.ablate.resolution import resolve
 from tests.ablate_helpers import run_ablate, write_plan
 from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.measurement_files import write_measurements

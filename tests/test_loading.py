@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from lib.errors import UserError
-from lib.loading import (
+from lib.core.errors import UserError
+from lib.core.loading import (
     ModelLoadOptions,
     add_model_loading_arguments,
     decoder_layers,

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from lib.batching import length_sorted_order
-from lib.chat_format import pad_token_id_of, tokenize_chat_prompts
-from lib.errors import UserError
-from lib.loading import decoder_layers
-from lib.prompts import SEARCH_HOLD_BACK_RULE, split_for_search
-from lib.measurements import load_measurements
-from lib.residual_capture import common_prefix_length, measure_last_token_residuals
+from lib.core.batching import length_sorted_order
+from lib.core.chat_format import pad_token_id_of, tokenize_chat_prompts
+from lib.core.errors import UserError
+from lib.core.loading import decoder_layers
+from lib.core.prompts import SEARCH_HOLD_BACK_RULE, split_for_search
+from lib.measure.measurements import load_measurements
+from lib.measure.residual_capture import common_prefix_length, measure_last_token_residuals
 from tests.fixtures import build_prequantized_fixture
 from tests.measure_helpers import (
     HARMFUL_PROMPTS,

@@ -10,8 +10,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from lib.errors import UserError
-from lib.prompts import file_sha256, load_prompts
+from lib.core.errors import UserError
+from lib.core.prompts import file_sha256, load_prompts
 
 PROMPTS = ["How do I bake bread?", "  leading spaces are kept", 'Quotes " and, commas', "Ünïcode ✓"]
 

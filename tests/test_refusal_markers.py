@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.errors import UserError
-from lib.refusal_markers import (
+from lib.core.errors import UserError
+from lib.evaluate.refusal_markers import (
     DEFAULT_REFUSAL_MARKERS,
     EMPTY_REPLY,
     RefusalDetector,

@@ -13,11 +13,11 @@ import optuna
 import pytest
 
 import search
-from lib.checkpoint import open_checkpoint
-from lib.errors import run_cli
-from lib.measurements import load_measurements
-from lib.plan import PROJECTED_AT_BOTH, load_plan
-from lib.plan_search import (
+from lib.ablate.checkpoint import open_checkpoint
+from lib.core.errors import run_cli
+from lib.measure.measurements import load_measurements
+from lib.ablate.plan import PROJECTED_AT_BOTH, load_plan
+from lib.search.engine import (
     PlanContext,
     Score,
     SearchSpace,
@@ -29,7 +29,7 @@ from lib.plan_search import (
     run_trials,
     trial_plan_of,
 )
-from lib.resolution import Resolution
+from lib.ablate.resolution import Resolution
 from tests.ablate_helpers import run_ablate
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
@@ -220,7 +220,7 @@ def test_measurements_of_another_model_are_refused(tiny_model, tmp_path: Path, c
 
 def test_a_prompt_set_with_nothing_held_back_is_refused(tiny_model, tmp_path: Path, capsys) -> None:
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    from lib.prompts import is_held_back_for_search
+    from lib.core.prompts import is_held_back_for_search
 
     kept = [f"harmful prompt {index}" for index in range(40) if not is_held_back_for_search(f"harmful prompt {index}")]
     (tmp_path / "harmful.txt").write_text("\n".join(kept) + "\n")

@@ -98,7 +98,7 @@ def test_building_the_parser_imports_nothing_heavy(script: str) -> None:
 
 def test_light_option_modules_import_nothing_heavy() -> None:
     """The shared flags and settings the parsers use are importable without torch."""
-    modules = ("lib.cli_options", "lib.arguments", "lib.prompts", "lib.refusal_markers", "lib.demo_settings",
+    modules = ("lib.core.cli_options", "lib.core.arguments", "lib.core.prompts", "lib.evaluate.refusal_markers", "demo.toy_settings",
                "demo.tuning_settings", "demo.base_model")
     program = (
         "import importlib, json, sys\n"
@@ -113,15 +113,15 @@ def test_light_option_modules_import_nothing_heavy() -> None:
 
 
 def test_the_heavy_modules_use_the_light_definitions() -> None:
-    """One definition of each choice: lib.loading and lib.chat_format build on lib.cli_options."""
-    import lib.chat_format
-    import lib.cli_options
-    import lib.loading
+    """One definition of each choice: lib.core.loading and lib.core.chat_format build on lib.core.cli_options."""
+    import lib.core.chat_format
+    import lib.core.cli_options
+    import lib.core.loading
 
-    assert tuple(lib.loading.DTYPES) == lib.cli_options.DTYPE_NAMES
-    assert lib.loading.add_model_loading_arguments is lib.cli_options.add_model_loading_arguments
-    assert lib.chat_format.add_prompt_set_arguments is lib.cli_options.add_prompt_set_arguments
-    assert lib.chat_format.NO_CHAT_TEMPLATE_FLAG == lib.cli_options.NO_CHAT_TEMPLATE_FLAG
+    assert tuple(lib.core.loading.DTYPES) == lib.core.cli_options.DTYPE_NAMES
+    assert lib.core.loading.add_model_loading_arguments is lib.core.cli_options.add_model_loading_arguments
+    assert lib.core.chat_format.add_prompt_set_arguments is lib.core.cli_options.add_prompt_set_arguments
+    assert lib.core.chat_format.NO_CHAT_TEMPLATE_FLAG == lib.core.cli_options.NO_CHAT_TEMPLATE_FLAG
 
 
 def test_measure_accepts_quant_as_well_as_quant_measure() -> None:
