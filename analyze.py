@@ -102,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     chart = chart_path(arguments)
     locations = plan_locations(arguments, parser)
-    from lib.analyze.report import format_summary, format_table, report_data
-    from lib.measure.measurements import load_measurements
-    from lib.core.model_files import read_config, resolve_model_directory
     from lib.analyze.plan_suggestion import check_model_matches, plan_yaml, suggest_plan, write_plan
+    from lib.analyze.report import format_summary, format_table, report_data
     from lib.analyze.signal_metrics import analyze_measurements
+    from lib.core.model_files import read_config, resolve_model_directory
+    from lib.measure.measurements import load_measurements
 
     measurements = load_measurements(arguments.measurements)
     if locations is not None:
@@ -129,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     title = f"Refusal-direction analysis: {arguments.measurements.name}"
     if chart is not None or arguments.show:
-        from lib.analyze.charts import save_chart, show_chart  # matplotlib is only imported when a chart is wanted
+        from lib.analyze.charts import (  # matplotlib is only imported when a chart is wanted
+            save_chart,
+            show_chart,
+        )
 
         if chart is not None:
             save_chart(report, suggestion, title, chart)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lib.core.arguments import non_negative_float, positive_integer, probability
-from lib.evaluate.chat_session import HELP_TEXT, Action, Conversation, parse_line
 from lib.core.cli_options import add_model_loading_arguments, add_no_chat_template_argument
 from lib.core.errors import UserError, run_cli, warn
+from lib.evaluate.chat_session import HELP_TEXT, Action, Conversation, parse_line
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.
 # The functions import the rest where they need it.

@@ -19,7 +19,11 @@ from lib.core.arguments import non_negative_integer, positive_integer
 from lib.core.atomic import check_writable_destination
 from lib.core.cli_options import add_model_loading_arguments, add_prompt_set_arguments
 from lib.core.errors import UserError, run_cli
-from lib.core.prompts import DEFAULT_EVALUATION_HARMFUL_PROMPTS, DEFAULT_EVALUATION_HARMLESS_PROMPTS, load_prompts
+from lib.core.prompts import (
+    DEFAULT_EVALUATION_HARMFUL_PROMPTS,
+    DEFAULT_EVALUATION_HARMLESS_PROMPTS,
+    load_prompts,
+)
 from lib.evaluate.refusal_markers import DEFAULT_REFUSAL_MARKERS, load_refusal_detector
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.
@@ -28,9 +32,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from lib.ablate.checkpoint import Checkpoint
-    from lib.evaluate.evaluation import ModelSource
     from lib.ablate.in_memory_edit import InMemoryEditor
     from lib.ablate.resolution import Resolution
+    from lib.evaluate.evaluation import ModelSource
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,10 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.json is not None:
         check_writable_destination(arguments.json, "--json")
     if arguments.plan is not None and arguments.quantization:
-        raise UserError(f"--plan with {arguments.quantization_flag} {arguments.quantization}: a preview edits the "
-                        "loaded weights, which must not be quantised; drop the flag (or write the model with "
-                        "sharded_ablate.py and evaluate it with --ablated)")
+        raise UserError(
+            f"--plan with {arguments.quantization_flag} {arguments.quantization}: a preview edits the "
+            "loaded weights, which must not be quantised; drop the flag (or write the model with "
+            "sharded_ablate.py and evaluate it with --ablated)"
+        )
     from lib.core.chat_format import require_chat_template, tokenize_chat_prompts
+    from lib.core.generation import DecodingSettings
+    from lib.core.loading import ModelLoadOptions, check_weight_files, load_tokenizer
+    from lib.core.model_files import resolve_model_directory
     from lib.evaluate.evaluation import (
         ABLATED,
         HARMFUL,
@@ -150,9 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_original_and_edit_in_memory,
         write_report,
     )
-    from lib.core.generation import DecodingSettings
-    from lib.core.loading import ModelLoadOptions, check_weight_files, load_tokenizer
-    from lib.core.model_files import resolve_model_directory
 
     detector = load_refusal_detector(arguments.markers, "--markers")
     prompt_files = {HARMFUL: arguments.harmful, HARMLESS: arguments.harmless}
@@ -197,8 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     else:
         scores = score_original_and_edit_in_memory(
-            sources[0], preview.source, preview.editor_for, preview.resolution, tokenizers[0], prompt_sets,
-            detector, settings,
+            sources[0],
+            preview.source,
+            preview.editor_for,
+            preview.resolution,
+            tokenizers[0],
+            prompt_sets,
+            detector,
+            settings,
         )
     divergence = first_token_divergence(scores[0], scores[1]) if len(scores) == 2 else None
 
@@ -227,18 +239,23 @@ class PlanPreview:
 def plan_preview(plan_path: Path, original: ModelSource) -> PlanPreview:
     """The plan resolved against ORIGINAL's checkpoint, before any model loads: its errors come first."""
     from lib.ablate.checkpoint import open_checkpoint
-    from lib.evaluate.evaluation import ABLATED, ModelSource
-    from lib.measure.measurements import load_measurements
     from lib.ablate.plan import load_plan
     from lib.ablate.resolution import resolve
+    from lib.evaluate.evaluation import ABLATED, ModelSource
+    from lib.measure.measurements import load_measurements
 
     plan = load_plan(plan_path)
     checkpoint = open_checkpoint(original.directory, "--model")
     resolution = resolve(plan, checkpoint, load_measurements(plan.measurements))
-    print(f"previewing {plan_path}: {len(resolution.edits)} tensor edits applied to {original.name} in memory",
-          file=sys.stderr)
-    return PlanPreview(ModelSource(ABLATED, f"{original.name} + {plan_path}", original.directory, "--plan"),
-                       checkpoint, resolution)
+    print(
+        f"previewing {plan_path}: {len(resolution.edits)} tensor edits applied to {original.name} in memory",
+        file=sys.stderr,
+    )
+    return PlanPreview(
+        ModelSource(ABLATED, f"{original.name} + {plan_path}", original.directory, "--plan"),
+        checkpoint,
+        resolution,
+    )
 
 
 if __name__ == "__main__":

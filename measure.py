@@ -92,9 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The prompt files are checked; now the libraries the model needs (seconds to import).
     from lib.core.chat_format import pad_token_id_of, require_chat_template, tokenize_chat_prompts
     from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
-    from lib.measure.measurements import save_measurements
     from lib.core.model_files import resolve_model_directory
     from lib.measure.directions import measurement_meta, refusal_measurements
+    from lib.measure.measurements import save_measurements
     from lib.measure.residual_capture import measure_last_token_residuals
 
     model_directory = resolve_model_directory(arguments.model, "--model")
@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_output_space(output: Path, model_directory: Path, label: str) -> None:
     """Stop before the model loads when the measurement file will not fit where it is to be written."""
+    from lib.core.atomic import check_free_space
     from lib.core.loading import load_config, text_config
     from lib.measure.measurements import estimated_file_bytes
-    from lib.core.atomic import check_free_space
 
     config = text_config(load_config(model_directory, label))
     check_free_space(output, estimated_file_bytes(config.num_hidden_layers, config.hidden_size), "--output")

@@ -19,6 +19,7 @@ Every stage runs as its own process with the same command a user would type, so 
 the scripts themselves, not a shortcut around them. Every artefact stays in the output folder; the
 report names the original model's directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,25 +39,50 @@ from lib.core.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
 SEARCH_TRIALS = 30  # the demo's search budget: a few minutes on 2 CPU cores (docs/demo.md)
-ARTEFACTS = ("measurements.pt", "chart.png", "suggested-plan.yml", "plan.yml", "search.json", "search.png",
-             "report.json")
+ARTEFACTS = (
+    "measurements.pt",
+    "chart.png",
+    "suggested-plan.yml",
+    "plan.yml",
+    "search.json",
+    "search.png",
+    "report.json",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run measure -> analyze -> ablate -> evaluate on the demo model.")
-    parser.add_argument("--output-dir", type=Path, default=Path("demo-output"),
-                        help="folder for every artefact: measurements.pt, chart.png, suggested-plan.yml, "
-                             "plan.yml, search.json, search.png, model-ablated/, report.json (default: "
-                             "demo-output); earlier results in it are replaced")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_directory(),
-                        help="where the converted base model and the merged demo model are kept between runs "
-                             "(default: %(default)s; about 540 MB)")
-    parser.add_argument("--adapter", type=Path, default=ADAPTER_DIRECTORY,
-                        help="LoRA adapter that makes the base model refuse (default: the shipped "
-                             f"{ADAPTER_DIRECTORY.relative_to(REPOSITORY)}/, built by demo/build_model.py)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="run the pipeline on this model directory instead (no fetching or merging), e.g. "
-                             "the small from-scratch test model demo/model/ for a run in seconds")
+    parser = argparse.ArgumentParser(
+        description="Run measure -> analyze -> ablate -> evaluate on the demo model."
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for every artefact: measurements.pt, chart.png, suggested-plan.yml, "
+        "plan.yml, search.json, search.png, model-ablated/, report.json (default: "
+        "demo-output); earlier results in it are replaced",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_directory(),
+        help="where the converted base model and the merged demo model are kept between runs "
+        "(default: %(default)s; about 540 MB)",
+    )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=ADAPTER_DIRECTORY,
+        help="LoRA adapter that makes the base model refuse (default: the shipped "
+        f"{ADAPTER_DIRECTORY.relative_to(REPOSITORY)}/, built by demo/build_model.py)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="run the pipeline on this model directory instead (no fetching or merging), e.g. "
+        "the small from-scratch test model demo/model/ for a run in seconds",
+    )
     return parser
 
 
@@ -95,8 +121,12 @@ def print_summary(report_path: Path, seconds: float) -> None:
     for result in check_targets(report):
         print(result.line())
     # ru_maxrss is the largest resident set one process reached (of the children: any one stage), KiB on Linux.
-    peak_kibibytes = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(f"\n{seconds:.0f} s wall-clock; peak memory of any one process {peak_kibibytes * 1024 / 1e9:.2f} GB")
+    peak_kibibytes = max(
+        resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    print(
+        f"\n{seconds:.0f} s wall-clock; peak memory of any one process {peak_kibibytes * 1024 / 1e9:.2f} GB"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,19 +136,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     model = demo_model(arguments).resolve()
     remove_previous_results(output_dir)
-    measurements, plan, ablated, report = (output_dir / name for name in
-                                           ("measurements.pt", "plan.yml", "model-ablated", "report.json"))
+    measurements, plan, ablated, report = (
+        output_dir / name for name in ("measurements.pt", "plan.yml", "model-ablated", "report.json")
+    )
     python = sys.executable
     run_stage("measure", [python, "measure.py", "--model", str(model), "--output", str(measurements)])
-    run_stage("analyze", [python, "analyze.py", str(measurements), "--chart", str(output_dir / "chart.png"),
-                          "--suggest", str(output_dir / "suggested-plan.yml"), "--model", str(model),
-                          "--output", str(ablated)])
-    run_stage("search", [python, "search.py", "--model", str(model), "--measurements", str(measurements),
-                         "--plan", str(plan), "--output", str(ablated), "--trials", str(SEARCH_TRIALS),
-                         "--json", str(output_dir / "search.json"), "--chart", str(output_dir / "search.png")])
+    run_stage(
+        "analyze",
+        [
+            python,
+            "analyze.py",
+            str(measurements),
+            "--chart",
+            str(output_dir / "chart.png"),
+            "--suggest",
+            str(output_dir / "suggested-plan.yml"),
+            "--model",
+            str(model),
+            "--output",
+            str(ablated),
+        ],
+    )
+    run_stage(
+        "search",
+        [
+            python,
+            "search.py",
+            "--model",
+            str(model),
+            "--measurements",
+            str(measurements),
+            "--plan",
+            str(plan),
+            "--output",
+            str(ablated),
+            "--trials",
+            str(SEARCH_TRIALS),
+            "--json",
+            str(output_dir / "search.json"),
+            "--chart",
+            str(output_dir / "search.png"),
+        ],
+    )
     run_stage("ablate", [python, "sharded_ablate.py", str(plan)])
-    run_stage("evaluate", [python, "evaluate.py", "--model", str(model), "--ablated", str(ablated),
-                           "--json", str(report)])
+    run_stage(
+        "evaluate",
+        [python, "evaluate.py", "--model", str(model), "--ablated", str(ablated), "--json", str(report)],
+    )
     print_summary(report, time.monotonic() - started)
     print(f"\nartefacts in {output_dir}: {', '.join(ARTEFACTS)}, model-ablated/")
     print(f"the original model: {model}")

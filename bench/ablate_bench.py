@@ -15,6 +15,7 @@ contender runs as its own process; peak memory is that process's maximum residen
 
 Targets (BENCHMARKS.md): wall time <= 2 x plain copy + start-up; peak memory <= 1/4 of whole-shard.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,15 @@ def build_model(directory: Path) -> None:
 
     from tests.fixtures import build_tokenizer
 
-    config = LlamaConfig(hidden_size=HIDDEN_SIZE, intermediate_size=INTERMEDIATE_SIZE, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=16, num_key_value_heads=16, vocab_size=VOCAB_SIZE, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=VOCAB_SIZE,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
@@ -100,10 +108,15 @@ def build_inputs(work: Path) -> None:
         shutil.rmtree(model, ignore_errors=True)
         build_model(model)
     write_measurements(work / "measurements.pt", HIDDEN_SIZE, NUM_LAYERS)
-    write_plan(work / "plan.yml", {
-        "model": str(model), "measurements": str(work / "measurements.pt"), "output": str(work / "ablated"),
-        "ablate": [{"layer": f"0-{NUM_LAYERS - 1}"}],
-    })
+    write_plan(
+        work / "plan.yml",
+        {
+            "model": str(model),
+            "measurements": str(work / "measurements.pt"),
+            "output": str(work / "ablated"),
+            "ablate": [{"layer": f"0-{NUM_LAYERS - 1}"}],
+        },
+    )
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -120,8 +133,12 @@ def measure(command: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per contender; the median is reported")
-    parser.add_argument("--work", type=Path, default=REPOSITORY_ROOT / "bench" / "work",
-                        help="where the model and outputs are written (about 3 GB)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPOSITORY_ROOT / "bench" / "work",
+        help="where the model and outputs are written (about 3 GB)",
+    )
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     work = arguments.work.resolve()
@@ -138,11 +155,19 @@ def main() -> None:
         "plain copy (cp -r)": ["cp", "-r", str(model), str(output)],
         "plain copy + fsync": [sys.executable, "-c", DURABLE_COPY_SCRIPT, str(model), str(output)],
         "interpreter start-up": [sys.executable, "-c", "import sharded_ablate"],
-        "whole-shard (load_file/save_file)": [sys.executable, "-c", WHOLE_SHARD_SCRIPT, str(model), str(output),
-                                              str(work / "measurements.pt")],
+        "whole-shard (load_file/save_file)": [
+            sys.executable,
+            "-c",
+            WHOLE_SHARD_SCRIPT,
+            str(model),
+            str(output),
+            str(work / "measurements.pt"),
+        ],
         "sharded_ablate.py": [sys.executable, "sharded_ablate.py", str(plan)],
     }
-    subprocess.run(["cat", *map(str, model.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+    subprocess.run(
+        ["cat", *map(str, model.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True
+    )  # warm the cache
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     for _ in range(arguments.repeats):
         for name, command in contenders.items():
@@ -152,23 +177,31 @@ def main() -> None:
 
     size = sum(path.stat().st_size for path in model.glob("*.safetensors")) / 1e9
     shards = len(list(model.glob("*.safetensors")))
-    print(f"model: {size:.2f} GB bf16 in {shards} shards, {NUM_LAYERS} layers all in the plan; "
-          f"median of {arguments.repeats} runs; {os.cpu_count()} CPUs\n")
+    print(
+        f"model: {size:.2f} GB bf16 in {shards} shards, {NUM_LAYERS} layers all in the plan; "
+        f"median of {arguments.repeats} runs; {os.cpu_count()} CPUs\n"
+    )
     print("| contender | wall time (s) | peak RSS (MB) |")
     print("|---|---|---|")
-    median = {name: (statistics.median(t for t, _ in runs), statistics.median(m for _, m in runs))
-              for name, runs in results.items()}
+    median = {
+        name: (statistics.median(t for t, _ in runs), statistics.median(m for _, m in runs))
+        for name, runs in results.items()
+    }
     for name, (seconds, megabytes) in median.items():
         print(f"| {name} | {seconds:.2f} | {megabytes:.0f} |")
     ours_time, ours_memory = median["sharded_ablate.py"]
     startup = median["interpreter start-up"][0]
     for copy in ("plain copy (cp -r)", "plain copy + fsync"):
         budget = 2 * median[copy][0] + startup
-        print(f"\nwall time vs 2 x {copy} + start-up = {budget:.2f} s: {ours_time / budget:.2f} of the budget")
+        print(
+            f"\nwall time vs 2 x {copy} + start-up = {budget:.2f} s: {ours_time / budget:.2f} of the budget"
+        )
     whole_memory = median["whole-shard (load_file/save_file)"][1]
     startup_memory = median["interpreter start-up"][1]
-    print(f"peak memory vs whole-shard: {ours_memory / whole_memory:.3f} "
-          f"(above start-up: {(ours_memory - startup_memory) / (whole_memory - startup_memory):.3f})")
+    print(
+        f"peak memory vs whole-shard: {ours_memory / whole_memory:.3f} "
+        f"(above start-up: {(ours_memory - startup_memory) / (whole_memory - startup_memory):.3f})"
+    )
 
 
 if __name__ == "__main__":

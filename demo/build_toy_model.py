@@ -25,9 +25,9 @@ from pathlib import Path
 # Entry scripts run as `python demo/build_toy_model.py`: make the repository's `lib` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo.toy_settings import DemoSettings
 from lib.core.arguments import positive_float, positive_integer
 from lib.core.atomic import atomic_directory, check_new_directory
-from demo.toy_settings import DemoSettings
 from lib.core.errors import UserError, run_cli
 
 # Only light modules at the top: --help and usage errors answer before torch and transformers load.

@@ -13,6 +13,7 @@ trained on the project's training prompt sets (never on `data/eval_*`):
 
 Only the adapter ships with the repository; `demo/base_model.py` merges it into the base.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from demo.tuning_settings import TuningSettings
-from lib.core.chat_format import tokenize_chat_prompts
 from demo.toy_model import (
     TrainingSchedule,
     collate,
@@ -39,6 +38,8 @@ from demo.toy_model import (
     run_training_steps,
     training_file_digests,
 )
+from demo.tuning_settings import TuningSettings
+from lib.core.chat_format import tokenize_chat_prompts
 from lib.core.generation import DecodingSettings, generate_replies
 
 TRAINING_RECORD = "training.json"
@@ -76,7 +77,11 @@ REFUSAL_OFFERS = (
 
 
 def refusal_reply(generator: random.Random) -> str:
-    parts = (generator.choice(REFUSAL_OPENINGS), generator.choice(REFUSAL_REASONS), generator.choice(REFUSAL_OFFERS))
+    parts = (
+        generator.choice(REFUSAL_OPENINGS),
+        generator.choice(REFUSAL_REASONS),
+        generator.choice(REFUSAL_OFFERS),
+    )
     return " ".join(part for part in parts if part)
 
 
@@ -95,35 +100,56 @@ class EncodedExample:
     teacher: TeacherTargets | None = None  # when set, the reply learns these distributions, not its labels
 
 
-def encode_examples(prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]]) -> list[EncodedExample]:
-    return [EncodedExample([*prompt, *reply], [-100] * len(prompt) + list(reply))
-            for prompt, reply in zip(prompt_ids, reply_ids)]
+def encode_examples(
+    prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]]
+) -> list[EncodedExample]:
+    return [
+        EncodedExample([*prompt, *reply], [-100] * len(prompt) + list(reply))
+        for prompt, reply in zip(prompt_ids, reply_ids)
+    ]
 
 
-def refusal_examples(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], seed: int) -> list[EncodedExample]:
+def refusal_examples(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], seed: int
+) -> list[EncodedExample]:
     """Each harmful prompt with a drawn refusal, closed by the end-of-turn token."""
     generator = random.Random(seed)
-    replies = [tokenizer.encode(refusal_reply(generator), add_special_tokens=False) + [tokenizer.eos_token_id]
-               for _ in prompts]
+    replies = [
+        [*tokenizer.encode(refusal_reply(generator), add_special_tokens=False), tokenizer.eos_token_id]
+        for _ in prompts
+    ]
     return encode_examples(tokenize_chat_prompts(tokenizer, prompts), replies)
 
 
-def base_reply_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                        reply_tokens: int) -> list[EncodedExample]:
+def base_reply_examples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], reply_tokens: int
+) -> list[EncodedExample]:
     """Each harmless prompt with the base model's own greedy reply, token for token."""
     prompt_ids = tokenize_chat_prompts(tokenizer, prompts)
-    generated = generate_replies(model, tokenizer, prompt_ids, DecodingSettings(max_new_tokens=reply_tokens),
-                                 description="base replies to harmless prompts", keep_reply_token_ids=True)
+    generated = generate_replies(
+        model,
+        tokenizer,
+        prompt_ids,
+        DecodingSettings(max_new_tokens=reply_tokens),
+        description="base replies to harmless prompts",
+        keep_reply_token_ids=True,
+    )
     return encode_examples(prompt_ids, generated.token_ids)
 
 
-def with_teacher_targets(model: PreTrainedModel, examples: Sequence[EncodedExample], pad_token_id: int,
-                         top_k: int, batch_size: int = 32) -> list[EncodedExample]:
+def with_teacher_targets(
+    model: PreTrainedModel,
+    examples: Sequence[EncodedExample],
+    pad_token_id: int,
+    top_k: int,
+    batch_size: int = 32,
+) -> list[EncodedExample]:
     """The examples with the model's top-k next-token distribution at every labelled position."""
     taught: list[EncodedExample] = []
     with torch.no_grad():  # not inference_mode: the targets enter the training loss, which autograd tracks
-        for start in tqdm(range(0, len(examples), batch_size), desc="base distributions", unit="batch",
-                          dynamic_ncols=True):
+        for start in tqdm(
+            range(0, len(examples), batch_size), desc="base distributions", unit="batch", dynamic_ncols=True
+        ):
             batch = examples[start : start + batch_size]
             collated = collate([(example.input_ids, example.labels) for example in batch], pad_token_id)
             logits = model(input_ids=collated["input_ids"], attention_mask=collated["attention_mask"]).logits
@@ -137,8 +163,9 @@ def with_teacher_targets(model: PreTrainedModel, examples: Sequence[EncodedExamp
     return taught
 
 
-def tuning_loss(examples: Sequence[EncodedExample],
-                pad_token_id: int) -> Callable[[torch.nn.Module, list[int]], torch.Tensor]:
+def tuning_loss(
+    examples: Sequence[EncodedExample], pad_token_id: int
+) -> Callable[[torch.nn.Module, list[int]], torch.Tensor]:
     """Mean per reply token of the cross-entropy against the label, or against the teacher's distribution.
 
     The output head runs on the reply positions only: on the prompts it would cost as much again
@@ -148,8 +175,9 @@ def tuning_loss(examples: Sequence[EncodedExample],
     def batch_loss(model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
         batch = [examples[index] for index in indices]
         collated = collate([(example.input_ids, example.labels) for example in batch], pad_token_id)
-        hidden = model.get_decoder()(input_ids=collated["input_ids"],
-                                     attention_mask=collated["attention_mask"]).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=collated["input_ids"], attention_mask=collated["attention_mask"]
+        ).last_hidden_state
         # The hidden state at position t predicts the token at t + 1.
         rows, positions = (collated["labels"][:, 1:] != -100).nonzero(as_tuple=True)
         logits = model.get_output_embeddings()(hidden[rows, positions])
@@ -164,7 +192,9 @@ def tuning_loss(examples: Sequence[EncodedExample],
                 losses.append(-row_log_probabilities.gather(1, targets[start : start + count, None]).sum())
             else:
                 teacher = example.teacher
-                losses.append(-(teacher.probabilities * row_log_probabilities.gather(1, teacher.token_ids)).sum())
+                losses.append(
+                    -(teacher.probabilities * row_log_probabilities.gather(1, teacher.token_ids)).sum()
+                )
             start += count
         return torch.stack(losses).sum() / len(rows)
 
@@ -172,24 +202,43 @@ def tuning_loss(examples: Sequence[EncodedExample],
 
 
 def lora_model(model: PreTrainedModel, settings: TuningSettings) -> PeftModel:
-    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
-                        layers_to_transform=list(range(settings.first_adapted_layer, model.config.num_hidden_layers)))
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+        layers_to_transform=list(range(settings.first_adapted_layer, model.config.num_hidden_layers)),
+    )
     return get_peft_model(model, config)
 
 
-def train_adapter(model: PeftModel, examples: Sequence[EncodedExample], pad_token_id: int, settings: TuningSettings,
-                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def train_adapter(
+    model: PeftModel,
+    examples: Sequence[EncodedExample],
+    pad_token_id: int,
+    settings: TuningSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """AdamW on shuffled mini-batches of the adapter's weights; returns the loss of every step."""
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
-    return run_training_steps(model, len(examples), tuning_loss(examples, pad_token_id), optimizer, schedule,
-                              settings.bfloat16_autocast, on_step)
+    return run_training_steps(
+        model,
+        len(examples),
+        tuning_loss(examples, pad_token_id),
+        optimizer,
+        schedule,
+        settings.bfloat16_autocast,
+        on_step,
+    )
 
 
 def settings_record(settings: TuningSettings) -> dict:
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()}
+    return {
+        key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()
+    }
 
 
 def split_held_back(prompts: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
@@ -205,8 +254,9 @@ class BuiltAdapter:
     record: dict
 
 
-def build_adapter(base: Path, settings: TuningSettings,
-                  on_step: Callable[[int, float], None] | None = None) -> BuiltAdapter:
+def build_adapter(
+    base: Path, settings: TuningSettings, on_step: Callable[[int, float], None] | None = None
+) -> BuiltAdapter:
     """Train the refusal adapter on `base` and check it on the held-back prompts."""
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -215,8 +265,9 @@ def build_adapter(base: Path, settings: TuningSettings,
     started = time.perf_counter()
     # The base's replies come from the base as stored (bfloat16), which is also twice as fast on a CPU.
     stored_base = AutoModelForCausalLM.from_pretrained(base)
-    examples = base_reply_examples(stored_base, tokenizer, harmless[: settings.harmless_examples],
-                                   settings.reply_tokens)
+    examples = base_reply_examples(
+        stored_base, tokenizer, harmless[: settings.harmless_examples], settings.reply_tokens
+    )
     if settings.teacher_top_k:
         examples = with_teacher_targets(stored_base, examples, tokenizer.pad_token_id, settings.teacher_top_k)
     del stored_base
@@ -226,18 +277,26 @@ def build_adapter(base: Path, settings: TuningSettings,
     started = time.perf_counter()
     losses = train_adapter(adapted, examples, tokenizer.pad_token_id, settings, on_step)
     training_seconds = time.perf_counter() - started
-    held_back = evaluate_refusals(adapted, tokenizer, harmful_held_back, harmless_held_back, settings.reply_tokens)
+    held_back = evaluate_refusals(
+        adapted, tokenizer, harmful_held_back, harmless_held_back, settings.reply_tokens
+    )
     record = {
         "settings": settings_record(settings),
         "training_files": training_file_digests(),
         "examples": {"harmful": len(examples) // 2, "harmless": len(examples) // 2},
         "held_back_refusal_rate": {"harmful": held_back.harmful, "harmless": held_back.harmless},
-        "loss": {"first_10_steps": sum(losses[:10]) / len(losses[:10]),
-                 "last_10_steps": sum(losses[-10:]) / len(losses[-10:])},
+        "loss": {
+            "first_10_steps": sum(losses[:10]) / len(losses[:10]),
+            "last_10_steps": sum(losses[-10:]) / len(losses[-10:]),
+        },
         "base_reply_seconds": round(reply_seconds, 1),
         "training_seconds": round(training_seconds, 1),
         "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
     }
     return BuiltAdapter(adapted, record)
 
@@ -245,7 +304,9 @@ def build_adapter(base: Path, settings: TuningSettings,
 def write_adapter(built: BuiltAdapter, directory: Path) -> None:
     """The peft adapter files, the training record and a short card (instead of peft's blank template)."""
     built.model.save_pretrained(directory)
-    (Path(directory) / TRAINING_RECORD).write_text(json.dumps(built.record, indent=2) + "\n", encoding="utf-8")
+    (Path(directory) / TRAINING_RECORD).write_text(
+        json.dumps(built.record, indent=2) + "\n", encoding="utf-8"
+    )
     (Path(directory) / "README.md").write_text(adapter_card(built.record), encoding="utf-8")
 
 

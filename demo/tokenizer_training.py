@@ -1,4 +1,5 @@
 """Train the small byte-level BPE tokenizers used by the demo model and the test fixtures."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

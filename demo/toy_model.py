@@ -27,8 +27,9 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lib.core.chat_format import tokenize_chat_prompts
+from demo.tokenizer_training import train_byte_level_bpe
 from demo.toy_settings import DemoSettings
+from lib.core.chat_format import tokenize_chat_prompts
 from lib.core.errors import UserError
 from lib.core.generation import DecodingSettings, generate_replies
 from lib.core.prompts import (
@@ -41,7 +42,6 @@ from lib.core.prompts import (
     file_sha256,
 )
 from lib.evaluate.refusal_markers import load_refusal_detector
-from demo.tokenizer_training import train_byte_level_bpe
 
 TRAINING_FILES = {
     "harmful": (DEFAULT_HARMFUL_PROMPTS, DATA_DIRECTORY / "demo_train_harmful.txt"),
@@ -191,7 +191,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
 def encode_example(tokenizer: PreTrainedTokenizerFast, example: Example) -> tuple[list[int], list[int]]:
     """Token ids of prompt + reply + end of turn, and labels that score only the reply tokens."""
     prompt_ids = tokenizer.encode(render_prompt(tokenizer, example.prompt), add_special_tokens=False)
-    reply_ids = tokenizer.encode(example.reply, add_special_tokens=False) + [tokenizer.eos_token_id]
+    reply_ids = [*tokenizer.encode(example.reply, add_special_tokens=False), tokenizer.eos_token_id]
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
 
 
@@ -257,8 +257,14 @@ def train(
         model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay
     )
     schedule = TrainingSchedule(settings.seed, settings.steps, settings.batch_size, settings.warmup_steps)
-    run_training_steps(model, len(encoded), next_token_loss(encoded, tokenizer.pad_token_id), optimizer, schedule,
-                       on_step=on_step)
+    run_training_steps(
+        model,
+        len(encoded),
+        next_token_loss(encoded, tokenizer.pad_token_id),
+        optimizer,
+        schedule,
+        on_step=on_step,
+    )
 
 
 @dataclass(frozen=True)
@@ -323,7 +329,9 @@ def evaluate_refusals(
     replies: dict[str, list[str]] = {}
     for kind, prompts in (("harmful", harmful_prompts), ("harmless", harmless_prompts)):
         token_id_lists = tokenize_chat_prompts(tokenizer, prompts)
-        replies[kind] = generate_replies(model, tokenizer, token_id_lists, settings, description=f"held-out {kind}").replies
+        replies[kind] = generate_replies(
+            model, tokenizer, token_id_lists, settings, description=f"held-out {kind}"
+        ).replies
     rates = {kind: sum(map(detector.is_refusal, texts)) / len(texts) for kind, texts in replies.items()}
     return RefusalRates(harmful=rates["harmful"], harmless=rates["harmless"], replies=replies)
 

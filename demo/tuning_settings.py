@@ -3,6 +3,7 @@
 demo/build_model.py's parser takes its defaults from `TuningSettings()` before torch loads;
 demo/refusal_tuning.py, which trains the adapter, imports the class from here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,19 @@ class TuningSettings:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     first_adapted_layer: int = 15  # LoRA on the upper layers only: backward stops there, which halves a step
-    harmless_examples: int = 2000  # harmless prompts answered by the base model (its replies cost generation time)
+    harmless_examples: int = (
+        2000  # harmless prompts answered by the base model (its replies cost generation time)
+    )
     bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
     reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
     teacher_top_k: int = 32  # harmless replies learn the base's distribution over its k likeliest tokens

@@ -1,12 +1,14 @@
 """Shared pieces of the sharded_ablate tests: plans, runs and residual-write probes."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -36,23 +38,31 @@ def rewrite_header(path: Path, change: Callable[[dict[str, Any]], None]) -> None
     """Edit a safetensors file's header in place, keeping its data bytes as they are."""
     raw = path.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_length])
+    header = json.loads(raw[8 : 8 + header_length])
     change(header)
-    write_raw_safetensors(path, header, raw[8 + header_length:])
+    write_raw_safetensors(path, header, raw[8 + header_length :])
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
     """Content hash of every file under `directory` (following symlinks), by relative path."""
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
 
 
 def make_plan(tmp_path: Path, model: str | Path, **extra) -> Path:
     """tmp_path/plan.yml: `model` ablated at layer 2 with tmp_path/m.pt (written once) into tmp_path/out."""
     if not (tmp_path / "m.pt").exists():
         write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    plan = {"model": str(model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
-            "ablate": [{"layer": 2}], **extra}
+    plan = {
+        "model": str(model),
+        "measurements": str(tmp_path / "m.pt"),
+        "output": str(tmp_path / "out"),
+        "ablate": [{"layer": 2}],
+        **extra,
+    }
     return write_plan(tmp_path / "plan.yml", plan)
 
 
@@ -97,22 +107,29 @@ def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return layers
 
 
-def residual_writes(model: torch.nn.Module, model_type: str, layers: Sequence[int], input_ids: torch.Tensor) -> dict:
+def residual_writes(
+    model: torch.nn.Module, model_type: str, layers: Sequence[int], input_ids: torch.Tensor
+) -> dict:
     """Every vector the given layers add to the residual stream: {(layer, 'attention'|'mlp'): [tokens, hidden]}.
 
     Gemma's sandwich norms sit between a block and the residual add, so there the write is the
     post-norm's output; elsewhere it is the attention / MLP block's output.
     """
-    writers = (("post_attention_layernorm", "post_feedforward_layernorm") if model_type in SANDWICH_NORM_FAMILIES
-               else ("self_attn", "mlp"))
+    writers = (
+        ("post_attention_layernorm", "post_feedforward_layernorm")
+        if model_type in SANDWICH_NORM_FAMILIES
+        else ("self_attn", "mlp")
+    )
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     by_index = decoder_layers(model)
     for layer in layers:
         for kind, attribute in zip(("attention", "mlp"), writers):
+
             def hook(module, inputs, output, key=(layer, kind)):
                 value = output[0] if isinstance(output, tuple) else output
                 captured[key] = value.detach().reshape(-1, value.shape[-1]).double()
+
             handles.append(getattr(by_index[layer], attribute).register_forward_hook(hook))
     try:
         with torch.no_grad():

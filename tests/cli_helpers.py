@@ -1,4 +1,5 @@
 """Entry scripts run in-process through run_cli, exactly as their command lines run them."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

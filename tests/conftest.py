@@ -1,9 +1,10 @@
 """Shared pytest fixtures: tiny real-architecture checkpoints, built once per test session."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -77,7 +78,19 @@ def freshly_built_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from demo.build_toy_model import main
 
     output = tmp_path_factory.mktemp("demo") / "demo-model"
-    arguments = ["--output", str(output), "--steps", "40", "--layers", "2", "--hidden-size", "64",
-                 "--vocab-size", "1024", "--max-shard-size", "200KB"]
+    arguments = [
+        "--output",
+        str(output),
+        "--steps",
+        "40",
+        "--layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--vocab-size",
+        "1024",
+        "--max-shard-size",
+        "200KB",
+    ]
     assert main(arguments) == 0
     return output

@@ -9,6 +9,7 @@ Architecture knowledge for the fixtures is data: `FAMILY_CONFIGS` maps a transfo
 intermediate size everywhere, so an edit along the wrong axis can never be caught by a shape
 error alone. Adding a family is adding one entry here.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lib.ablate.architectures import FAMILIES, Role, TensorRule
 from demo.tokenizer_training import train_byte_level_bpe
+from lib.ablate.architectures import FAMILIES, Role, TensorRule
 
 HIDDEN_SIZE = 64
 DEFAULT_NUM_LAYERS = 4
@@ -113,8 +114,12 @@ MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "gemma3_text",
         dict(
             vision_config=dict(
-                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=28, patch_size=14,
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
             ),
             mm_tokens_per_image=4,
             image_token_index=5,
@@ -234,7 +239,11 @@ def copy_without_chat_template(model_directory: Path, destination: Path) -> Path
 
 # Ways model files break on disk (an interrupted download or copy, a hand edit), for the error tests.
 DAMAGES = (
-    "truncated shard", "overwritten shard header", "missing shard", "config.json cut short", "index cut short",
+    "truncated shard",
+    "overwritten shard header",
+    "missing shard",
+    "config.json cut short",
+    "index cut short",
 )
 
 
@@ -262,7 +271,9 @@ def damaged_copy(model_directory: Path, destination: Path, damage: str) -> tuple
     return copy, broken
 
 
-def install_in_hub_cache(model_directory: Path, cache_directory: Path, repo_id: str, revision: str = "a" * 40) -> Path:
+def install_in_hub_cache(
+    model_directory: Path, cache_directory: Path, repo_id: str, revision: str = "a" * 40
+) -> Path:
     """Lay `model_directory` out as the hub cache does (blobs + snapshot symlinks + refs/main).
 
     Point HF_HUB_CACHE at `cache_directory` to make `repo_id` resolvable offline. Returns the snapshot.
@@ -339,13 +350,24 @@ def _fp8_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
 PREQUANTIZED_FORMATS: dict[str, tuple[Any, dict[str, Any]]] = {
     "mxfp4": (
         _mxfp4_tensors,
-        {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                             "model.embed_tokens", "lm_head"]},
+        {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        },
     ),
     "fp8": (
         _fp8_tensors,
-        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+        {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        },
     ),
 }
 
@@ -375,4 +397,3 @@ def build_prequantized_fixture(model_type: str, output_dir: Path, quant_method: 
     config["quantization_config"] = dict(quantization_config)
     config_path.write_text(json.dumps(config, indent=2))
     return output_dir
-

@@ -44,8 +44,9 @@ def write_prompt_files(directory: Path) -> tuple[Path, Path]:
     return harmful, harmless
 
 
-def run_measure(model_directory: Path, output: Path, prompt_directory: Path, *extra: str,
-                hold_back: bool = False) -> dict:
+def run_measure(
+    model_directory: Path, output: Path, prompt_directory: Path, *extra: str, hold_back: bool = False
+) -> dict:
     """Run measure.py's main in-process and return the written file, loaded as untrusted input would be.
 
     Every prompt is measured unless `hold_back`: the tests compare with direct computations over the files."""

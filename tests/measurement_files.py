@@ -40,7 +40,10 @@ def random_measurements(
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for index in range(num_layers + 1):
-        harmful, harmless = torch.randn(hidden_size, generator=generator), torch.randn(hidden_size, generator=generator)
+        harmful, harmless = (
+            torch.randn(hidden_size, generator=generator),
+            torch.randn(hidden_size, generator=generator),
+        )
         if index == 0 and like_measure:
             harmful = harmless.clone()
         refusal = harmful - harmless
@@ -49,7 +52,9 @@ def random_measurements(
     return Measurements(num_layers, layers, meta={"model": model})
 
 
-def write_measurements(path: Path, hidden_size: int, num_layers: int, seed: int = 0, **options) -> Measurements:
+def write_measurements(
+    path: Path, hidden_size: int, num_layers: int, seed: int = 0, **options
+) -> Measurements:
     """`random_measurements` saved as a measurement file at `path`."""
     measurements = random_measurements(hidden_size, num_layers, seed, **options)
     save_measurements(measurements, path)

@@ -1,5 +1,6 @@
 """Running an entry script as the command line does: in-process, which is quick, or as its own process,
 which also proves the script file itself but costs seconds (a new interpreter importing torch)."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,12 +28,19 @@ class ScriptRun(NamedTuple):
     err: str
 
 
-def run_script(script: str, arguments: Sequence[str], capsys: pytest.CaptureFixture, *,
-               as_a_process: bool) -> ScriptRun:
+def run_script(
+    script: str, arguments: Sequence[str], capsys: pytest.CaptureFixture, *, as_a_process: bool
+) -> ScriptRun:
     """`python SCRIPT.py ARGUMENTS...` from the repository root, or its `main` through run_cli in-process."""
     if as_a_process:
-        done = subprocess.run([sys.executable, f"{script}.py", *arguments], cwd=REPOSITORY, capture_output=True,
-                              text=True, timeout=300, check=False)
+        done = subprocess.run(
+            [sys.executable, f"{script}.py", *arguments],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         return ScriptRun(done.returncode, done.stdout, done.stderr)
     module = importlib.import_module(script)
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """Every supported family, through transformers' own forward pass: the edited layers no longer write
 the direction into the residual stream, routers no longer see it, and nothing else changed a bit."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ EXPECTED_EDITED = re.compile(
     r"|mlp\.router\.weight|mlp\.gate\.weight|block_sparse_moe\.gate\.weight|mlp\.shared_expert_gate\.weight"
     r")"
 )
-ROUTER = re.compile(r".*layers\.(\d+)\.(mlp\.router|mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight")
+ROUTER = re.compile(
+    r".*layers\.(\d+)\.(mlp\.router|mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight"
+)
 FAMILIES = ALL_FAMILIES
 
 
@@ -47,13 +50,21 @@ def ablated(tiny_model, tmp_path_factory):
         if model_type not in results:
             work = tmp_path_factory.mktemp(f"ablate-{model_type}")
             source = tiny_model(model_type, randomize_norms_and_biases=True)
-            measurements = write_measurements(work / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS, seed=len(results))
-            plan = write_plan(work / "plan.yml", {
-                "model": str(source),
-                "measurements": str(work / "m.pt"),
-                "output": str(work / "out"),
-                "ablate": [{"layer": layer, "measurement": measured} for layer, measured in LAYER_MEASUREMENTS.items()],
-            })
+            measurements = write_measurements(
+                work / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS, seed=len(results)
+            )
+            plan = write_plan(
+                work / "plan.yml",
+                {
+                    "model": str(source),
+                    "measurements": str(work / "m.pt"),
+                    "output": str(work / "out"),
+                    "ablate": [
+                        {"layer": layer, "measurement": measured}
+                        for layer, measured in LAYER_MEASUREMENTS.items()
+                    ],
+                },
+            )
             assert run_ablate([str(plan)]).status == 0
             results[model_type] = (source, work / "out", measurements)
         return results[model_type]
@@ -89,22 +100,32 @@ def test_exactly_the_planned_tensors_change(ablated, model_type: str) -> None:
     for name in set(before) - changed:
         assert before[name].dtype == after[name].dtype
         assert before[name].view(torch.uint8).equal(after[name].view(torch.uint8))
-    recorded = {edit["tensor"] for edit in yaml.safe_load((output / "ablation_plan.yml").read_text())["edits"]}
+    recorded = {
+        edit["tensor"] for edit in yaml.safe_load((output / "ablation_plan.yml").read_text())["edits"]
+    }
     assert recorded == expected
     index = json.loads((output / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    )
 
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_type: str) -> None:
     source, output, measurements = ablated(model_type)
     before, after = read_all_tensors(source), read_all_tensors(output)
-    routers = [name for name in after if ROUTER.fullmatch(name) and int(ROUTER.fullmatch(name)[1]) in LAYER_MEASUREMENTS]
+    routers = [
+        name
+        for name in after
+        if ROUTER.fullmatch(name) and int(ROUTER.fullmatch(name)[1]) in LAYER_MEASUREMENTS
+    ]
     assert routers
     for name in routers:
         layer = int(ROUTER.fullmatch(name)[1])
         # The MLP block (and so its router) reads the residual through post_attention_layernorm in these families.
-        gain = after[name.split("mlp.")[0].split("block_sparse_moe.")[0] + "post_attention_layernorm.weight"].double()
+        gain = after[
+            name.split("mlp.")[0].split("block_sparse_moe.")[0] + "post_attention_layernorm.weight"
+        ].double()
         direction = measurements.direction(LAYER_MEASUREMENTS[layer]).double()
         seen = gain * direction
         seen = seen / seen.norm()

@@ -1,5 +1,6 @@
 """Original GPT-OSS checkpoints: MXFP4 experts are dequantised as transformers does, then edited,
 and the output loads in transformers with the expected edits."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,12 @@ GROUP = 32
 # The original release's quantization_config.
 QUANTIZATION_CONFIG = {
     "quant_method": "mxfp4",
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
 }
 PACKED = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
 EDITED_LAYERS = {1: 2, 3: 0}
@@ -91,18 +97,31 @@ def test_dequantisation_matches_transformers() -> None:
 
 def test_the_fixture_is_packed_like_the_release_and_loads(mxfp4_model: Path) -> None:
     names = set(json.loads((mxfp4_model / "model.safetensors.index.json").read_text())["weight_map"])
-    assert "model.layers.0.mlp.experts.down_proj_blocks" in names and "model.layers.0.mlp.experts.down_proj" not in names
+    assert (
+        "model.layers.0.mlp.experts.down_proj_blocks" in names
+        and "model.layers.0.mlp.experts.down_proj" not in names
+    )
     model = AutoModelForCausalLM.from_pretrained(mxfp4_model, dtype=torch.bfloat16)
-    blocks, scales = (read_all_tensors(mxfp4_model)[f"model.layers.0.mlp.experts.down_proj{suffix}"] for suffix in ("_blocks", "_scales"))
+    blocks, scales = (
+        read_all_tensors(mxfp4_model)[f"model.layers.0.mlp.experts.down_proj{suffix}"]
+        for suffix in ("_blocks", "_scales")
+    )
     assert model.model.layers[0].mlp.experts.down_proj.detach().equal(mxfp4.dequantize(blocks, scales))
 
 
 def test_mxfp4_checkpoint_is_ablated_and_loads_dequantised(mxfp4_model: Path, tmp_path: Path) -> None:
     measurements = write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    plan = write_plan(tmp_path / "plan.yml", {
-        "model": str(mxfp4_model), "measurements": str(tmp_path / "m.pt"), "output": str(tmp_path / "out"),
-        "ablate": [{"layer": layer, "measurement": measured} for layer, measured in EDITED_LAYERS.items()],
-    })
+    plan = write_plan(
+        tmp_path / "plan.yml",
+        {
+            "model": str(mxfp4_model),
+            "measurements": str(tmp_path / "m.pt"),
+            "output": str(tmp_path / "out"),
+            "ablate": [
+                {"layer": layer, "measurement": measured} for layer, measured in EDITED_LAYERS.items()
+            ],
+        },
+    )
     assert run_ablate([str(plan)]).status == 0
     output = tmp_path / "out"
     config = json.loads((output / "config.json").read_text())
@@ -126,4 +145,7 @@ def test_mxfp4_checkpoint_is_ablated_and_loads_dequantised(mxfp4_model: Path, tm
         direction = measurements.direction(EDITED_LAYERS[layer])
         # bfloat16 weights: the residue is rounding noise, well under the 1% bound.
         assert component_ratios(writes, direction).max() <= 0.01, (layer, kind)
-        assert component_ratios(writes, direction).mean() * 10 <= component_ratios(before[(layer, kind)], direction).mean()
+        assert (
+            component_ratios(writes, direction).mean() * 10
+            <= component_ratios(before[(layer, kind)], direction).mean()
+        )

@@ -1,4 +1,5 @@
 """The output directory: inputs of every shape, what is copied, written and refused, and crash safety."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lib.core.errors import UserError
 from lib.ablate.output_guard import lock_path, output_lock
 from lib.core.atomic import check_free_space
+from lib.core.errors import UserError
 from tests.ablate_helpers import (
     make_plan,
     read_all_tensors,
@@ -39,12 +40,16 @@ def test_single_file_input_gives_a_single_file_output(tiny_model, tmp_path: Path
     assert (output / "model.safetensors").is_file() and not (output / "model.safetensors.index.json").exists()
     before, after = read_all_tensors(source), read_all_tensors(output)
     assert {name for name in before if not torch.equal(before[name], after[name])} == {
-        "model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+        "model.layers.2.self_attn.o_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    }
     assert shard_metadata(output) == shard_metadata(source)
     AutoModelForCausalLM.from_pretrained(output)
 
 
-def test_multi_shard_output_mirrors_the_input_and_leaves_it_untouched(tiny_model, tmp_path: Path, capsys) -> None:
+def test_multi_shard_output_mirrors_the_input_and_leaves_it_untouched(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     source = tiny_model("llama")
     before = tree_digest(source)
     assert run_ablate([str(make_plan(tmp_path, source))], capsys).status == 0
@@ -52,7 +57,8 @@ def test_multi_shard_output_mirrors_the_input_and_leaves_it_untouched(tiny_model
     assert tree_digest(source) == before
     assert shard_metadata(output) == shard_metadata(source)
     assert [path.stat().st_size for path in sorted(output.glob("*.safetensors"))] == [
-        path.stat().st_size for path in sorted(source.glob("*.safetensors"))]
+        path.stat().st_size for path in sorted(source.glob("*.safetensors"))
+    ]
     written = tree_digest(output)
     for name, digest in before.items():
         if not name.endswith(".safetensors"):
@@ -85,8 +91,9 @@ def test_link_hard_links_only_unedited_shards(tiny_model, tmp_path: Path, capsys
         assert linked == (shard not in edited), shard
 
 
-def test_overwrite_replaces_a_previous_output_and_its_absence_refuses(tiny_model, tmp_path: Path,
-                                                                      capsys) -> None:
+def test_overwrite_replaces_a_previous_output_and_its_absence_refuses(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     source = tiny_model("llama")
     plan = make_plan(tmp_path, source)
     assert run_ablate([str(plan)], capsys).status == 0
@@ -111,14 +118,23 @@ def test_output_must_stay_clear_of_the_input(tiny_model, tmp_path: Path, capsys,
         "overwrite a parent of input": (tmp_path / "models", ["--overwrite"]),
     }[where]
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    plan = write_plan(tmp_path / "plan.yml", {"model": str(source), "measurements": str(tmp_path / "m.pt"),
-                                              "output": str(output), "ablate": [{"layer": 1}]})
+    plan = write_plan(
+        tmp_path / "plan.yml",
+        {
+            "model": str(source),
+            "measurements": str(tmp_path / "m.pt"),
+            "output": str(output),
+            "ablate": [{"layer": 1}],
+        },
+    )
     status, error, _ = run_ablate([str(plan), *extra], capsys)
     assert status == 2 and "input model directory" in error
     assert tree_digest(tmp_path / "models") == before
 
 
-def test_a_second_concurrent_run_is_refused_and_a_stale_lock_is_taken_over(tiny_model, tmp_path: Path, capsys) -> None:
+def test_a_second_concurrent_run_is_refused_and_a_stale_lock_is_taken_over(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     plan = make_plan(tmp_path, tiny_model("llama"))
     with output_lock(tmp_path / "out"):
         status, error, _ = run_ablate([str(plan)], capsys)
@@ -166,7 +182,9 @@ def test_untied_embeddings_leave_the_head_and_config_alone(tiny_model, tmp_path:
     assert (tmp_path / "out" / "config.json").read_bytes() == (source / "config.json").read_bytes()
 
 
-def test_other_weight_formats_are_not_copied_and_the_card_keeps_the_original(tiny_model, tmp_path: Path, capsys) -> None:
+def test_other_weight_formats_are_not_copied_and_the_card_keeps_the_original(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     source = tmp_path / "model"
     shutil.copytree(tiny_model("llama"), source)
     (source / "original").mkdir()
@@ -189,8 +207,13 @@ def test_other_weight_formats_are_not_copied_and_the_card_keeps_the_original(tin
 @pytest.mark.slow  # sharded_ablate.py as its own process: seconds; in-process failing runs are in the fast tier
 def test_a_failing_run_exits_2_with_one_line_from_a_real_process(tiny_model, tmp_path: Path) -> None:
     plan = make_plan(tmp_path, tiny_model("llama"), ablate=[{"layer": 1, "sparsity": 0}])
-    result = subprocess.run([sys.executable, "sharded_ablate.py", str(plan)], cwd=REPOSITORY_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "sharded_ablate.py", str(plan)],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -199,10 +222,16 @@ def test_a_failing_run_exits_2_with_one_line_from_a_real_process(tiny_model, tmp
 @pytest.mark.slow  # a 150 MB model and two sharded_ablate.py processes
 def test_killing_the_process_mid_run_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
     # A large embedding (about 150 MB, edited) keeps the run writing for a while after it starts.
-    source = build_fixture("llama", tmp_path / "big", num_hidden_layers=DEFAULT_NUM_LAYERS, vocab_size=600_000)
+    source = build_fixture(
+        "llama", tmp_path / "big", num_hidden_layers=DEFAULT_NUM_LAYERS, vocab_size=600_000
+    )
     plan = make_plan(tmp_path, source, embeddings={"measurement": 1})
-    process = subprocess.Popen([sys.executable, "sharded_ablate.py", str(plan)], cwd=REPOSITORY_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "sharded_ablate.py", str(plan)],
+        cwd=REPOSITORY_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -216,8 +245,13 @@ def test_killing_the_process_mid_run_leaves_nothing_under_the_final_name(tmp_pat
     assert partial, "the run must have been caught while writing"
     assert not (tmp_path / "out").exists()
     # The next run recognises the stale lock and temporary directory, cleans them up and completes.
-    result = subprocess.run([sys.executable, "sharded_ablate.py", str(plan)], cwd=REPOSITORY_ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "sharded_ablate.py", str(plan)],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "left by an interrupted run" in result.stdout
     assert (tmp_path / "out" / "config.json").is_file()

@@ -1,4 +1,5 @@
 """The math of SPEC §4 against the formulas written out in float64."""
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def test_direction_preparation_formulas() -> None:
     assert torch.allclose(through_gain(first, gain), unit(gain * first))
 
 
-@pytest.mark.parametrize("vector, message", [(torch.zeros(4), "zero"), (torch.tensor([1.0, float("inf")]), "infinite")])
+@pytest.mark.parametrize(
+    "vector, message", [(torch.zeros(4), "zero"), (torch.tensor([1.0, float("inf")]), "infinite")]
+)
 def test_degenerate_directions_are_refused(vector: torch.Tensor, message: str) -> None:
     with pytest.raises(DegenerateDirectionError, match=message):
         unit(vector)

@@ -19,12 +19,12 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 import analyze
-from lib.analyze.charts import CHART_PIXELS, analysis_figure
-from lib.core.errors import UserError, run_cli
-from lib.measure.measurements import load_measurements
 from lib.ablate.plan import load_plan, parse_plan
+from lib.analyze.charts import CHART_PIXELS, analysis_figure
 from lib.analyze.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, plan_yaml, suggest_plan
 from lib.analyze.signal_metrics import SignalReport, analyze_measurements
+from lib.core.errors import UserError, run_cli
+from lib.measure.measurements import load_measurements
 from tests.conftest import FixtureFactory
 from tests.filesystems import small_tmpfs
 from tests.measurement_files import HIDDEN_SIZE, planted_measurements, save, unit
@@ -243,7 +243,9 @@ def test_chart_is_a_png_of_the_documented_size_without_a_display(tmp_path: Path)
     }
     environment["MPLBACKEND"] = "TkAgg"
     run_analyze_then_check(
-        [str(path), "--chart"], "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'", environment
+        [str(path), "--chart"],
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'",
+        environment,
     )
     assert_documented_chart_beside_the_measurements(tmp_path)
 
@@ -494,7 +496,10 @@ BAD_FILES = {
     "key that is not a string": (_with(GOOD, 7, torch.ones(HIDDEN_SIZE)), "key 7 is not a string"),
     "'layers' is a bool": (_with(GOOD, "layers", True), "'layers' must be a positive integer, got True"),
     "'layers' is a float tensor": (_with(GOOD, "layers", torch.tensor(12.5)), "'layers' must be a positive"),
-    "'layers' is a complex tensor": (_with(GOOD, "layers", torch.tensor(12 + 1j)), "'layers' must be a positive"),
+    "'layers' is a complex tensor": (
+        _with(GOOD, "layers", torch.tensor(12 + 1j)),
+        "'layers' must be a positive",
+    ),
     "complex vector": (
         _with(GOOD, "refuse_3", torch.ones(HIDDEN_SIZE, dtype=torch.complex64)),
         "'refuse_3' must be a floating-point tensor, got torch.complex64",

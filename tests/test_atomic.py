@@ -1,4 +1,5 @@
 """Atomic outputs appear with the permissions an ordinary file or directory would get."""
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,8 @@ def test_atomic_directory_gets_the_mode_a_plain_mkdir_gets(tmp_path: Path, umask
 
 
 def test_atomic_file_syncs_the_file_before_the_rename_and_the_directory_after(
-        tmp_path: Path, synced_paths: list[Path]) -> None:
+    tmp_path: Path, synced_paths: list[Path]
+) -> None:
     with atomic_file(tmp_path / "result.pt") as temporary:
         temporary.write_bytes(b"measurements")
     assert synced_paths == [temporary, tmp_path]
@@ -54,7 +56,8 @@ def test_atomic_file_syncs_the_file_before_the_rename_and_the_directory_after(
 
 @pytest.mark.parametrize("replace_existing", [False, True])
 def test_atomic_directory_syncs_every_file_and_folder_before_the_rename_and_the_parent_after(
-        tmp_path: Path, synced_paths: list[Path], replace_existing: bool) -> None:
+    tmp_path: Path, synced_paths: list[Path], replace_existing: bool
+) -> None:
     if replace_existing:
         (tmp_path / "model").mkdir()
     with atomic_directory(tmp_path / "model", replace_existing=replace_existing) as staging:

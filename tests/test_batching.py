@@ -1,4 +1,5 @@
 """The shared batch loop: longest first, halved and retried on out-of-memory, progress hooks in order."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,15 +38,25 @@ def test_an_abandoned_batch_is_retried_halved_and_every_prompt_runs_once() -> No
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return sum(indices)
 
-    batches = list(run_in_batches(
-        PROMPTS, _automatic_sizer(4), run, CPU,
-        starting=lambda done, indices: events.append(("starting", done, indices)),
-        abandoned=lambda indices: events.append(("abandoned", indices)),
-        resized=lambda size: events.append(("resized", size)),
-    ))
+    batches = list(
+        run_in_batches(
+            PROMPTS,
+            _automatic_sizer(4),
+            run,
+            CPU,
+            starting=lambda done, indices: events.append(("starting", done, indices)),
+            abandoned=lambda indices: events.append(("abandoned", indices)),
+            resized=lambda size: events.append(("resized", size)),
+        )
+    )
     assert batches == [([4, 3], 7), ([2, 1], 3), ([0], 0)]
-    assert events[:5] == [("starting", 0, [4, 3, 2, 1]), ("run", [4, 3, 2, 1]), ("abandoned", [4, 3, 2, 1]),
-                          ("resized", 2), ("starting", 0, [4, 3])]
+    assert events[:5] == [
+        ("starting", 0, [4, 3, 2, 1]),
+        ("run", [4, 3, 2, 1]),
+        ("abandoned", [4, 3, 2, 1]),
+        ("resized", 2),
+        ("starting", 0, [4, 3]),
+    ]
     assert events[-2:] == [("starting", 4, [0]), ("run", [0])]
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from chat import main
 from lib.core.chat_format import tokenize_conversation
-from lib.evaluate.chat_session import Action, Conversation, parse_line
 from lib.core.errors import UserError
+from lib.evaluate.chat_session import Action, Conversation, parse_line
 from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, copy_without_chat_template
 from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply
@@ -77,8 +77,16 @@ def test_system_message_reaches_the_template(tiny_model, capsys) -> None:
 
 def test_a_model_without_chat_template_continues_the_raw_text(tiny_model, tmp_path: Path, capsys) -> None:
     model = copy_without_chat_template(tiny_model("llama"), tmp_path / "base-model")
-    arguments = ["--model", str(model), "--prompt", "Once upon a time", "--system", "A story.",
-                 "--max-new-tokens", "6"]
+    arguments = [
+        "--model",
+        str(model),
+        "--prompt",
+        "Once upon a time",
+        "--system",
+        "A story.",
+        "--max-new-tokens",
+        "6",
+    ]
     line = error_line(capsys, main, arguments)
     assert line.startswith(f"error: --model {model}: the tokenizer has no chat template")
     assert "--no-chat-template" in line

@@ -1,6 +1,7 @@
 """The prompt sets in data/: large enough, clean, and with held-out eval sets that share nothing with
 the measurement and demo training sets, so that a refusal rate measured on the eval sets is not a
 memorisation score."""
+
 from __future__ import annotations
 
 import difflib

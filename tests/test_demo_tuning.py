@@ -4,6 +4,7 @@ The refusal wording is checked against the shipped refusal markers, the examples
 template of a real tokenizer, and the training loop on a tiny Llama fixture: it must learn its
 examples through the adapter alone, leaving every base weight as it was.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,24 +19,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import demo.build_model
 import demo.refusal_tuning
 from demo.refusal_tuning import (
-    TeacherTargets,
-    base_reply_examples,
-    tuning_loss,
-    with_teacher_targets,
     HELD_BACK_PROMPTS,
     REFUSAL_OFFERS,
     REFUSAL_OPENINGS,
     REFUSAL_REASONS,
+    TeacherTargets,
     TuningSettings,
+    base_reply_examples,
     encode_examples,
     lora_model,
     refusal_examples,
     refusal_reply,
     split_held_back,
     train_adapter,
+    tuning_loss,
+    with_teacher_targets,
 )
-from lib.core.chat_format import tokenize_chat_prompts
 from demo.toy_model import next_token_loss, read_training_prompts
+from lib.core.chat_format import tokenize_chat_prompts
 from lib.core.errors import UserError
 from lib.evaluate.refusal_markers import load_refusal_detector
 
@@ -68,8 +69,12 @@ def test_only_the_opening_makes_a_reply_a_refusal() -> None:
     assert all(detector.is_refusal(opening) for opening in REFUSAL_OPENINGS)
     reasons, offers = [part for part in REFUSAL_REASONS if part], [part for part in REFUSAL_OFFERS if part]
     assert not [part for part in reasons + offers if detector.is_refusal(part)]
-    assert not [f"{reason} {offer}" for reason in reasons for offer in offers
-                if detector.is_refusal(f"{reason} {offer}")]
+    assert not [
+        f"{reason} {offer}"
+        for reason in reasons
+        for offer in offers
+        if detector.is_refusal(f"{reason} {offer}")
+    ]
 
 
 def test_encode_examples_trains_on_the_reply_only() -> None:
@@ -93,8 +98,8 @@ def test_refusal_examples_are_chat_prompts_answered_by_a_refusal_and_end_of_turn
     for example, prompt in zip(examples, prompt_ids):
         assert example.input_ids[: len(prompt)] == prompt
         assert example.labels[: len(prompt)] == [-100] * len(prompt)
-        reply = example.labels[len(prompt):]
-        assert reply == example.input_ids[len(prompt):] and reply[-1] == tokenizer.eos_token_id
+        reply = example.labels[len(prompt) :]
+        assert reply == example.input_ids[len(prompt) :] and reply[-1] == tokenizer.eos_token_id
         assert detector.is_refusal(tokenizer.decode(reply, skip_special_tokens=True))
     assert refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=0) == examples
     assert refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=1) != examples
@@ -121,8 +126,15 @@ def test_held_back_training_prompts_are_never_trained_on(kind: str) -> None:
 def test_train_adapter_learns_through_the_adapter_and_leaves_the_base_weights_alone(
     tiny_model, tokenizer
 ) -> None:
-    settings = TuningSettings(steps=30, batch_size=4, learning_rate=2e-2, warmup_steps=3, lora_rank=4,
-                              lora_alpha=8, first_adapted_layer=2)
+    settings = TuningSettings(
+        steps=30,
+        batch_size=4,
+        learning_rate=2e-2,
+        warmup_steps=3,
+        lora_rank=4,
+        lora_alpha=8,
+        first_adapted_layer=2,
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
     base_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     torch.manual_seed(settings.seed)
@@ -133,8 +145,13 @@ def test_train_adapter_learns_through_the_adapter_and_leaves_the_base_weights_al
 
     stepped: list[tuple[int, float]] = []
     examples = refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=0)
-    losses = train_adapter(adapted, examples, tokenizer.pad_token_id, settings,
-                           on_step=lambda step, loss: stepped.append((step, loss)))
+    losses = train_adapter(
+        adapted,
+        examples,
+        tokenizer.pad_token_id,
+        settings,
+        on_step=lambda step, loss: stepped.append((step, loss)),
+    )
     assert len(losses) == settings.steps and stepped == list(enumerate(losses))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.75 * first, f"the loss did not fall: {first:.3f} -> {last:.3f}"
@@ -161,18 +178,30 @@ def test_teacher_targets_are_the_models_own_next_token_distributions(tiny_model,
 def test_tuning_loss_with_one_hot_teachers_is_the_next_token_loss(tiny_model, tokenizer) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
     examples = refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=0)
-    one_hot = [replace(example, teacher=TeacherTargets(
-        torch.tensor([[label] for label in example.labels if label != -100]),
-        torch.ones(sum(label != -100 for label in example.labels), 1))) for example in examples]
+    one_hot = [
+        replace(
+            example,
+            teacher=TeacherTargets(
+                torch.tensor([[label] for label in example.labels if label != -100]),
+                torch.ones(sum(label != -100 for label in example.labels), 1),
+            ),
+        )
+        for example in examples
+    ]
     indices = list(range(len(examples)))
     with torch.no_grad():
-        reference = next_token_loss([(example.input_ids, example.labels) for example in examples],
-                                    tokenizer.pad_token_id)(model, indices)
+        reference = next_token_loss(
+            [(example.input_ids, example.labels) for example in examples], tokenizer.pad_token_id
+        )(model, indices)
         assert torch.allclose(tuning_loss(examples, tokenizer.pad_token_id)(model, indices), reference)
         assert torch.allclose(tuning_loss(one_hot, tokenizer.pad_token_id)(model, indices), reference)
-        spread = [replace(example, teacher=TeacherTargets(torch.zeros_like(hot.teacher.token_ids),
-                                                          hot.teacher.probabilities)) for example, hot in
-                  zip(examples, one_hot)]
+        spread = [
+            replace(
+                example,
+                teacher=TeacherTargets(torch.zeros_like(hot.teacher.token_ids), hot.teacher.probabilities),
+            )
+            for example, hot in zip(examples, one_hot)
+        ]
         assert not torch.allclose(tuning_loss(spread, tokenizer.pad_token_id)(model, indices), reference)
 
 

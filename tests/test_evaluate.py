@@ -17,9 +17,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from evaluate import main
 from lib.core.chat_format import pad_token_id_of, tokenize_chat_prompts
-from lib.evaluate.evaluation import HARMLESS, ORIGINAL, EvaluationSettings, ModelSource, PromptSet, score_model
 from lib.core.generation import DecodingSettings, generate_replies
 from lib.core.loading import ModelLoadOptions, load_model, load_tokenizer
+from lib.evaluate.evaluation import (
+    HARMLESS,
+    ORIGINAL,
+    EvaluationSettings,
+    ModelSource,
+    PromptSet,
+    score_model,
+)
 from lib.evaluate.refusal_markers import EMPTY_REPLY, load_refusal_detector
 from tests.cli_helpers import error_line
 from tests.fixtures import build_tokenizer, damaged_copy
@@ -339,7 +346,7 @@ def _without_weights(model: Path, destination: Path) -> Path:
     """The model's config and tokenizer only: loading its weights would fail with a different error."""
     destination.mkdir()
     for path in model.iterdir():
-        if not path.name.startswith("model") or path.suffix == ".json" and "index" not in path.name:
+        if not path.name.startswith("model") or (path.suffix == ".json" and "index" not in path.name):
             shutil.copy(path, destination / path.name)
     assert not list(destination.glob("*.safetensors"))
     return destination

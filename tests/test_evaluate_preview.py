@@ -1,5 +1,6 @@
 """`evaluate.py --plan` previews a plan in memory: its report must be the report of `--ablated` on the
 model sharded_ablate.py writes from the same plan, without writing anything."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,26 +17,42 @@ from tests.test_evaluate import prompt_files, run_evaluate  # noqa: F401 (the fi
 
 def write_example_plan(source: Path, work: Path) -> Path:
     write_measurements(work / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS, seed=3)
-    return write_plan(work / "plan.yml", {
-        "model": str(source), "measurements": str(work / "m.pt"), "output": str(work / "out"),
-        "scale": 4.0,  # strong enough that the replies change
-        "ablate": [{"layer": "1-3", "measurement": 2, "projected": "measurement"}],
-    })
+    return write_plan(
+        work / "plan.yml",
+        {
+            "model": str(source),
+            "measurements": str(work / "m.pt"),
+            "output": str(work / "out"),
+            "scale": 4.0,  # strong enough that the replies change
+            "ablate": [{"layer": "1-3", "measurement": 2, "projected": "measurement"}],
+        },
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "gemma2"])
-def test_the_preview_reports_what_the_written_model_gives(model_type: str, tiny_model, prompt_files,  # noqa: F811
-                                                          tmp_path: Path) -> None:
+def test_the_preview_reports_what_the_written_model_gives(
+    model_type: str,
+    tiny_model,
+    prompt_files,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     source = tiny_model(model_type, randomize_norms_and_biases=True)
     plan = write_example_plan(source, tmp_path)
     assert run_ablate([str(plan)]).status == 0
     (tmp_path / "written").mkdir()
     (tmp_path / "preview").mkdir()
-    written = run_evaluate(prompt_files, tmp_path / "written" / "r.json", "--model", str(source),
-                           "--ablated", str(tmp_path / "out"))
+    written = run_evaluate(
+        prompt_files,
+        tmp_path / "written" / "r.json",
+        "--model",
+        str(source),
+        "--ablated",
+        str(tmp_path / "out"),
+    )
     files_before = sorted(path.name for path in tmp_path.iterdir())
-    previewed = run_evaluate(prompt_files, tmp_path / "preview" / "r.json", "--model", str(source),
-                             "--plan", str(plan))
+    previewed = run_evaluate(
+        prompt_files, tmp_path / "preview" / "r.json", "--model", str(source), "--plan", str(plan)
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == files_before  # nothing written but the report
     for role in ("original", "ablated"):
         assert previewed["models"][role]["replies"] == written["models"][role]["replies"]
@@ -49,12 +66,16 @@ def run(arguments: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return stopped.value.code, capsys.readouterr().err
 
 
-def test_preview_of_a_plan_for_another_model_is_refused_before_loading(tiny_model, tmp_path: Path,
-                                                                         capsys) -> None:
+def test_preview_of_a_plan_for_another_model_is_refused_before_loading(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     plan = write_example_plan(tiny_model("llama"), tmp_path)
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE + 8, DEFAULT_NUM_LAYERS)
     status, error = run(["--model", str(tiny_model("llama")), "--plan", str(plan)], capsys)
-    assert status == 2 and f"{plan}: measurements {tmp_path / 'm.pt'}: directions have {HIDDEN_SIZE + 8}" in error
+    assert (
+        status == 2
+        and f"{plan}: measurements {tmp_path / 'm.pt'}: directions have {HIDDEN_SIZE + 8}" in error
+    )
 
 
 def test_preview_refuses_a_quantised_load(tiny_model, tmp_path: Path, capsys) -> None:
@@ -66,5 +87,7 @@ def test_preview_refuses_a_quantised_load(tiny_model, tmp_path: Path, capsys) ->
 def test_plan_and_ablated_exclude_each_other(tiny_model, tmp_path: Path, capsys) -> None:
     plan = write_example_plan(tiny_model("llama"), tmp_path)
     with pytest.raises(SystemExit) as stopped:
-        main(["--model", str(tiny_model("llama")), "--plan", str(plan), "--ablated", str(tiny_model("llama"))])
+        main(
+            ["--model", str(tiny_model("llama")), "--plan", str(plan), "--ablated", str(tiny_model("llama"))]
+        )
     assert stopped.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

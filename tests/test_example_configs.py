@@ -6,6 +6,7 @@ The tiny models keep the real layer count but not the real widths or expert coun
 layers and components, never sizes, so a plan that names a layer or a tensor the family lacks fails
 here as it would on the real checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from transformers import AutoConfig
 import sharded_ablate
 from lib.ablate.architectures import FAMILIES
 from lib.ablate.checkpoint import open_checkpoint
-from lib.measure.measurements import load_measurements
 from lib.ablate.plan import Plan, load_plan
 from lib.ablate.resolution import Resolution, resolve
+from lib.measure.measurements import load_measurements
 from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
 from tests.measurement_files import write_measurements
 
@@ -108,7 +109,11 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
     ),
     "qwen3_moe": FamilyTensors(
         "model.",
-        {**_ATTENTION, "mlp_output": ("mlp.experts.{expert}.down_proj.weight",), "router": ("mlp.gate.weight",)},
+        {
+            **_ATTENTION,
+            "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+            "router": ("mlp.gate.weight",),
+        },
         expert_count_key="num_experts",
     ),
     "qwen2_moe": FamilyTensors(
@@ -126,15 +131,20 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
     "gpt_oss": FamilyTensors(
         "model.",
         {**_ATTENTION, "mlp_output": ("mlp.experts.down_proj",), "router": ("mlp.router.weight",)},
-        biases={"attention_output": ("self_attn.o_proj.bias",), "mlp_output": ("mlp.experts.down_proj_bias",)},
+        biases={
+            "attention_output": ("self_attn.o_proj.bias",),
+            "mlp_output": ("mlp.experts.down_proj_bias",),
+        },
     ),
 }
 
 
 def real_model_of(config: Path) -> RealModel:
     real = REAL_MODELS.get(config.name)
-    assert real is not None, (f"{config.name}: add the real model's model_type and num_hidden_layers to "
-                              "REAL_MODELS in tests/test_example_configs.py")
+    assert real is not None, (
+        f"{config.name}: add the real model's model_type and num_hidden_layers to "
+        "REAL_MODELS in tests/test_example_configs.py"
+    )
     return real
 
 
@@ -149,15 +159,28 @@ def example_model(tmp_path_factory: pytest.TempPathFactory):
             options = {"first_k_dense_replace": real.first_dense_layers} if real.first_dense_layers else {}
             directory = tmp_path_factory.mktemp(real.model_type)
             if real.packed_format:
-                model = build_prequantized_fixture(real.model_type, directory, real.packed_format,
-                                                   num_hidden_layers=real.num_hidden_layers, **options)
+                model = build_prequantized_fixture(
+                    real.model_type,
+                    directory,
+                    real.packed_format,
+                    num_hidden_layers=real.num_hidden_layers,
+                    **options,
+                )
             else:
-                model = build_fixture(real.model_type, directory, num_hidden_layers=real.num_hidden_layers, **options)
+                model = build_fixture(
+                    real.model_type, directory, num_hidden_layers=real.num_hidden_layers, **options
+                )
             if real.stores_prediction_layer:
                 add_prediction_layer(model, real.num_hidden_layers)
             measurements = tmp_path_factory.mktemp("measurements") / "m.pt"
-            write_measurements(measurements, HIDDEN_SIZE, real.num_hidden_layers, seed=len(built), like_measure=True,
-                               model="example-config fixture")
+            write_measurements(
+                measurements,
+                HIDDEN_SIZE,
+                real.num_hidden_layers,
+                seed=len(built),
+                like_measure=True,
+                model="example-config fixture",
+            )
             built[real] = (model, measurements)
         return built[real]
 
@@ -211,8 +234,10 @@ def expected_edits(plan: Plan, real: RealModel, model: Path) -> set[str]:
                 if "biases" in components:  # the biases of the selected writers
                     suffixes += tensors.biases.get(component, ())
                 for suffix in suffixes:
-                    names.update(f"{tensors.prefix}layers.{layer}.{suffix.format(expert=expert)}"
-                                 for expert in (experts if "{expert}" in suffix else [None]))
+                    names.update(
+                        f"{tensors.prefix}layers.{layer}.{suffix.format(expert=expert)}"
+                        for expert in (experts if "{expert}" in suffix else [None])
+                    )
     return names
 
 
@@ -223,7 +248,9 @@ def test_example_plan_is_valid_as_written(config: Path) -> None:
     text = config.read_text()
     assert plan.measurements.suffix == ".pt"
     output = plan.output.absolute()
-    assert Path(plan.model).absolute() not in (output, *output.parents), "the output must lie outside the model"
+    assert Path(plan.model).absolute() not in (output, *output.parents), (
+        "the output must lie outside the model"
+    )
     assert "analyze.py" in text, "the comments must say what to change after reading analyze.py's output"
     layers = planned_layers(plan)
     # A starting range in the middle-to-late layers: past the first quarter, reaching the last quarter.
@@ -232,7 +259,9 @@ def test_example_plan_is_valid_as_written(config: Path) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIG_FILES, ids=lambda path: path.name)
-def test_example_plan_resolves_against_its_family(config: Path, example_model, tmp_path: Path, capsys) -> None:
+def test_example_plan_resolves_against_its_family(
+    config: Path, example_model, tmp_path: Path, capsys
+) -> None:
     real = real_model_of(config)
     assert real.model_type in EXPECTED_TENSORS, f"{real.model_type}: no expected tensors for this family"
     model, measurements = example_model(real)
@@ -246,8 +275,9 @@ def test_example_plan_resolves_against_its_family(config: Path, example_model, t
     edited = {edit.tensor for edit in resolution.edits}
     assert {edit.layer for edit in resolution.edits} == planned_layers(plan)
     expected = expected_edits(plan, real, model)
-    assert edited == expected, (f"missing: {sorted(expected - edited)[:8]}; "
-                                f"unexpected: {sorted(edited - expected)[:8]}")
+    assert edited == expected, (
+        f"missing: {sorted(expected - edited)[:8]}; unexpected: {sorted(edited - expected)[:8]}"
+    )
     assert sharded_ablate.main([str(plan_path), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert f"{len(resolution.edits)} tensor edits" in listing

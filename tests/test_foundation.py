@@ -1,4 +1,5 @@
 """The shared foundation: fixtures load in transformers, measurement files round-trip and fail clearly."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from tests.measurement_files import random_measurements
 def test_every_supported_family_has_a_fixture() -> None:
     """The family tests run over the fixtures and take their architecture facts from lib/ablate/architectures.py,
     so a new family is one table entry and one fixture config."""
-    assert ALL_FAMILIES == list(SUPPORTED_MODEL_TYPES)
+    assert list(SUPPORTED_MODEL_TYPES) == ALL_FAMILIES
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
@@ -30,7 +31,9 @@ def test_fixture_is_a_loadable_multi_shard_checkpoint(tiny_model, model_type: st
     assert len(set(index["weight_map"].values())) > 1
     model = AutoModelForCausalLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     assert input_ids[0].tolist().count(tokenizer.bos_token_id) == 1
     hidden_states = model(input_ids, output_hidden_states=True).hidden_states
@@ -54,7 +57,10 @@ def test_measurement_file_round_trip(tmp_path: Path) -> None:
 
 def test_llm_abliteration_style_file_without_refusenorm(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
-    torch.save({"layers": 1, "harmful_0": torch.ones(4), "harmless_0": torch.zeros(4), "refuse_0": torch.ones(4)}, path)
+    torch.save(
+        {"layers": 1, "harmful_0": torch.ones(4), "harmless_0": torch.zeros(4), "refuse_0": torch.ones(4)},
+        path,
+    )
     assert torch.allclose(load_measurements(path).direction(0), torch.full((4,), 0.5))
 
 

@@ -87,11 +87,17 @@ def test_means_equal_direct_forward_for_every_batch_size(
 
 def test_by_default_one_prompt_in_five_is_held_back_for_the_plan_search(tiny_model, tmp_path: Path) -> None:
     directory = tiny_model("llama")
-    measured_prompts = {kind: split_for_search(prompts)[0] for kind, prompts in
-                        (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))}
-    held_back = {kind: split_for_search(prompts)[1] for kind, prompts in
-                 (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))}
-    assert all(held_back.values()) and all(measured_prompts.values())  # the fixture prompts exercise both sides
+    measured_prompts = {
+        kind: split_for_search(prompts)[0]
+        for kind, prompts in (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))
+    }
+    held_back = {
+        kind: split_for_search(prompts)[1]
+        for kind, prompts in (("harmful", HARMFUL_PROMPTS), ("harmless", HARMLESS_PROMPTS))
+    }
+    assert all(held_back.values()) and all(
+        measured_prompts.values()
+    )  # the fixture prompts exercise both sides
     measured = run_measure(directory, tmp_path / "m.pt", tmp_path, hold_back=True)
     assert measured["meta"]["prompt_counts"] == {kind: len(texts) for kind, texts in measured_prompts.items()}
     assert measured["meta"]["held_back_for_search"] == SEARCH_HOLD_BACK_RULE

@@ -101,7 +101,9 @@ def test_model_without_chat_template(capsys, tiny_model, workspace: Path) -> Non
 
 @pytest.mark.parametrize("output", ["missing-directory/m.pt", "out"])
 def test_unwritable_output(capsys, tiny_model, workspace: Path, output: str) -> None:
-    line = error_line(capsys, main, _arguments(workspace, tiny_model("llama"), **{"--output": str(workspace / output)}))
+    line = error_line(
+        capsys, main, _arguments(workspace, tiny_model("llama"), **{"--output": str(workspace / output)})
+    )
     assert line.startswith("error: --output ")
     assert _no_output(workspace) and not (workspace / "missing-directory").exists()
 
@@ -156,7 +158,9 @@ def test_flash_attention_falls_back_with_a_warning(capsys, tiny_model, workspace
 
 
 @IN_PROCESS_AND_AS_A_PROCESS
-def test_script_help_and_exit_status(workspace: Path, capsys: pytest.CaptureFixture, as_a_process: bool) -> None:
+def test_script_help_and_exit_status(
+    workspace: Path, capsys: pytest.CaptureFixture, as_a_process: bool
+) -> None:
     help_run = run_script("measure", ["--help"], capsys, as_a_process=as_a_process)
     assert help_run.status == 0
     for flag in (
@@ -178,5 +182,7 @@ def test_script_help_and_exit_status(workspace: Path, capsys: pytest.CaptureFixt
         "--no-chat-template",
     ):
         assert flag in help_run.out
-    failed = run_script("measure", _arguments(workspace, workspace / "absent"), capsys, as_a_process=as_a_process)
+    failed = run_script(
+        "measure", _arguments(workspace, workspace / "absent"), capsys, as_a_process=as_a_process
+    )
     assert failed.status == 2 and failed.err.startswith("error: --model ") and _no_output(workspace)

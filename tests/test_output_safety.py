@@ -3,6 +3,7 @@ concurrent runs, and durability (issue 14).
 
 A killed run is simulated by building the directories it leaves, under the names the code uses.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ TOKEN = "0123abcd"  # the random part of a staging name: eight hex digits
 
 def exited_process_id() -> int:
     """The id of a process that has ended, as a killed run's is."""
-    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                             text=True, check=True)
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(process.stdout)
 
 
@@ -38,8 +40,9 @@ def build_output(tmp_path: Path, source: Path, capsys, name: str, scale: float =
 
 
 @pytest.mark.parametrize("plan_copy", [None, "the user's own plan"])
-def test_overwrite_refuses_a_directory_this_tool_did_not_write(tiny_model, tmp_path: Path, capsys,
-                                                                plan_copy: str | None) -> None:
+def test_overwrite_refuses_a_directory_this_tool_did_not_write(
+    tiny_model, tmp_path: Path, capsys, plan_copy: str | None
+) -> None:
     # The plan's output is the user's working directory, which holds the measurements, the plan and notes.
     work = tmp_path / "work"
     work.mkdir()
@@ -50,16 +53,20 @@ def test_overwrite_refuses_a_directory_this_tool_did_not_write(tiny_model, tmp_p
     before = tree_digest(work)
     status, error, _ = run_ablate([str(plan), "--overwrite"], capsys)
     assert status == 2
-    reason = ("its ablation_plan.yml does not list the files sharded_ablate.py wrote there" if plan_copy
-              else "no ablation_plan.yml")
+    reason = (
+        "its ablation_plan.yml does not list the files sharded_ablate.py wrote there"
+        if plan_copy
+        else "no ablation_plan.yml"
+    )
     assert f"output {work}: exists and was not written by sharded_ablate.py ({reason})" in error
     assert "--overwrite only replaces a previous output of this tool" in error
     assert tree_digest(work) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
 
 
-def test_overwrite_refuses_a_previous_output_holding_files_added_since(tiny_model, tmp_path: Path,
-                                                                       capsys) -> None:
+def test_overwrite_refuses_a_previous_output_holding_files_added_since(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     source = tiny_model("llama")
     build_output(tmp_path, source, capsys, "out")
     (tmp_path / "out" / "notes.txt").write_text("my evaluation notes")
@@ -88,13 +95,17 @@ def test_help_says_what_overwrite_replaces(capsys) -> None:
     assert "only a previous output of this tool holding nothing but the files it wrote there" in help_text
 
 
-def test_cleanup_removes_only_this_outputs_leftovers_of_ended_runs(tiny_model, tmp_path: Path,
-                                                                    capsys) -> None:
+def test_cleanup_removes_only_this_outputs_leftovers_of_ended_runs(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     ended, running = exited_process_id(), os.getpid()
     output, sibling = tmp_path / "out", tmp_path / "out.v2"
     # Another output's staging directories, of a live run and an ended one, and this output's of a live run.
-    kept = [leftover(sibling, running, "partial"), leftover(sibling, ended, "partial"),
-            leftover(output, running, "partial")]
+    kept = [
+        leftover(sibling, running, "partial"),
+        leftover(sibling, ended, "partial"),
+        leftover(output, running, "partial"),
+    ]
     removed = leftover(output, ended, "partial")
     for directory in [*kept, removed]:
         directory.mkdir()
@@ -110,7 +121,8 @@ def test_cleanup_removes_only_this_outputs_leftovers_of_ended_runs(tiny_model, t
 
 @pytest.mark.parametrize("new_output_staged", [True, False])
 def test_a_replacement_killed_between_its_renames_leaves_one_complete_output(
-        tiny_model, tmp_path: Path, capsys, new_output_staged: bool) -> None:
+    tiny_model, tmp_path: Path, capsys, new_output_staged: bool
+) -> None:
     source, output, process_id = tiny_model("llama"), tmp_path / "out", exited_process_id()
     old = build_output(tmp_path, source, capsys, "old")
     (tmp_path / "old").rename(leftover(output, process_id, "replaced"))
@@ -130,8 +142,9 @@ def test_a_replacement_killed_between_its_renames_leaves_one_complete_output(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
-def test_a_retired_old_output_is_deleted_once_the_new_one_is_in_place(tiny_model, tmp_path: Path,
-                                                                      capsys) -> None:
+def test_a_retired_old_output_is_deleted_once_the_new_one_is_in_place(
+    tiny_model, tmp_path: Path, capsys
+) -> None:
     # Killed after the second rename, while deleting the old output.
     source, output, process_id = tiny_model("llama"), tmp_path / "out", exited_process_id()
     build_output(tmp_path, source, capsys, "old")
@@ -144,8 +157,9 @@ def test_a_retired_old_output_is_deleted_once_the_new_one_is_in_place(tiny_model
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
-def test_every_file_and_folder_of_the_output_is_synced(tiny_model, tmp_path: Path, capsys,
-                                                       synced_paths: list[Path]) -> None:
+def test_every_file_and_folder_of_the_output_is_synced(
+    tiny_model, tmp_path: Path, capsys, synced_paths: list[Path]
+) -> None:
     assert run_ablate([str(make_plan(tmp_path, tiny_model("llama")))], capsys).status == 0
     output = tmp_path / "out"
     (staging,) = {path.parent for path in synced_paths if path.suffix == ".safetensors"}

@@ -1,7 +1,9 @@
 """search.py: the optimiser finds a known best plan, the written plan is what its trial scored, a killed
 search resumes from its storage, and bad input is refused before the model loads."""
+
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -14,9 +16,10 @@ import pytest
 
 import search
 from lib.ablate.checkpoint import open_checkpoint
+from lib.ablate.plan import PROJECTED_AT_BOTH, load_plan
+from lib.ablate.resolution import Resolution
 from lib.core.errors import run_cli
 from lib.measure.measurements import load_measurements
-from lib.ablate.plan import PROJECTED_AT_BOTH, load_plan
 from lib.search.engine import (
     PlanContext,
     Score,
@@ -29,11 +32,10 @@ from lib.search.engine import (
     run_trials,
     trial_plan_of,
 )
-from lib.ablate.resolution import Resolution
 from tests.ablate_helpers import run_ablate
 from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
-from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 from tests.measurement_files import write_measurements
+from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -55,8 +57,8 @@ class ConstructedScorer:
         conditions = (
             {1, 2} <= layers,
             label.startswith("measurement 3,") or label == "measurement 3",
-            "at the measurement" in label and "projected against harmless 1" in label or
-            "at the measurement" in label and "projected against harmless 2" in label,
+            ("at the measurement" in label and "projected against harmless 1" in label)
+            or ("at the measurement" in label and "projected against harmless 2" in label),
             abs(scale - 1.6) < 0.25,
         )
         kl = abs(scale - 1.6) + 0.1 * len(layers - {1, 2}) + 0.01
@@ -67,19 +69,29 @@ def test_the_search_finds_the_known_best_plan_of_a_constructed_case(tiny_model, 
     source = tiny_model("llama")
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
     checkpoint = open_checkpoint(source)
-    context = PlanContext(checkpoint, load_measurements(tmp_path / "m.pt"), str(source), tmp_path / "m.pt",
-                          tmp_path / "plan.yml", tmp_path / "out")
+    context = PlanContext(
+        checkpoint,
+        load_measurements(tmp_path / "m.pt"),
+        str(source),
+        tmp_path / "m.pt",
+        tmp_path / "plan.yml",
+        tmp_path / "out",
+    )
     space = SearchSpace.for_checkpoint(checkpoint, range(1, 4))
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(seed=0, refusal_target=0.05))
+    study = optuna.create_study(
+        directions=["minimize", "minimize"], sampler=make_sampler(seed=0, refusal_target=0.05)
+    )
     study.enqueue_trial(TrialPlan(2, 0, 3, 1.0, "none", False, "all").parameters())  # a poor start
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_trials(study, space, context, ConstructedScorer(), trials=150, deadline=None, on_trial=lambda trial: None)
+    run_trials(
+        study, space, context, ConstructedScorer(), trials=150, deadline=None, on_trial=lambda trial: None
+    )
     best = trial_plan_of(choose(completed(study), refusal_target=0.05))
     assert (best.measurement, best.first_layer, best.last_layer) == (3, 1, 2)
     assert best.projected == PROJECTED_AT_BOTH and abs(best.scale - 1.6) < 0.25
     assert choose(completed(study), 0.05).values[0] == 0.0
     front = pareto_front(completed(study))
-    assert front[0].values[0] == 0.0 and all(a.values[1] >= b.values[1] for a, b in zip(front, front[1:]))
+    assert front[0].values[0] == 0.0 and all(a.values[1] >= b.values[1] for a, b in itertools.pairwise(front))
 
 
 def test_choose_prefers_the_lowest_kl_meeting_the_target_else_the_lowest_refusal() -> None:
@@ -114,9 +126,25 @@ def measured_demo(shipped_demo_model: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def search_arguments(model: Path, measurements: Path, work: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--measurements", str(measurements), "--plan", str(work / "plan.yml"),
-            "--output", str(work / "edited"), "--json", str(work / "trials.json"), "--chart",
-            str(work / "search.png"), "--scoring-prompts", "24", "--reply-tokens", "8", *extra]
+    return [
+        "--model",
+        str(model),
+        "--measurements",
+        str(measurements),
+        "--plan",
+        str(work / "plan.yml"),
+        "--output",
+        str(work / "edited"),
+        "--json",
+        str(work / "trials.json"),
+        "--chart",
+        str(work / "search.png"),
+        "--scoring-prompts",
+        "24",
+        "--reply-tokens",
+        "8",
+        *extra,
+    ]
 
 
 def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
@@ -127,8 +155,12 @@ def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
     assert len(report["trials"]) == 8 and report["trials"][0]["plan"]["projected"] == "none"  # the suggestion
     chosen = next(trial for trial in report["trials"] if trial["number"] == report["chosen"])
     assert chosen["number"] in report["pareto_front"]
-    meeting = [trial for trial in report["trials"] if trial["state"] == "COMPLETE"
-               and trial["harmful_refused"] / trial["harmful_prompts"] <= report["refusal_target"]]
+    meeting = [
+        trial
+        for trial in report["trials"]
+        if trial["state"] == "COMPLETE"
+        and trial["harmful_refused"] / trial["harmful_prompts"] <= report["refusal_target"]
+    ]
     if meeting:
         assert chosen["kl_mean"] == min(trial["kl_mean"] for trial in meeting)
     assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,8 +171,10 @@ def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
     assert entry.measurement == parameters["measurement"]
     assert entry.layer_ranges == (range(parameters["first_layer"], parameters["last_layer"] + 1),)
     assert entry.options.scale == pytest.approx(parameters["scale"], rel=1e-3)
-    assert (entry.options.projected, entry.options.norm_preserve) == (parameters["projected"],
-                                                                        parameters["norm_preserve"])
+    assert (entry.options.projected, entry.options.norm_preserve) == (
+        parameters["projected"],
+        parameters["norm_preserve"],
+    )
     text = (tmp_path / "plan.yml").read_text()
     assert f"trial {chosen['number']} of 8" in text and "Pareto front" in text
     assert run_ablate([str(tmp_path / "plan.yml")]).status == 0
@@ -148,13 +182,19 @@ def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
 
 
 @pytest.mark.slow  # two search.py processes, one killed mid-run: over a minute on 2 cores
-def test_a_killed_search_resumes_from_its_storage(shipped_demo_model: Path, measured_demo: Path,
-                                                  tmp_path: Path) -> None:
+def test_a_killed_search_resumes_from_its_storage(
+    shipped_demo_model: Path, measured_demo: Path, tmp_path: Path
+) -> None:
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    arguments = search_arguments(shipped_demo_model, measured_demo, tmp_path, "--trials", "6",
-                                 "--storage", storage)
-    process = subprocess.Popen([sys.executable, "search.py", *arguments], cwd=REPOSITORY,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    arguments = search_arguments(
+        shipped_demo_model, measured_demo, tmp_path, "--trials", "6", "--storage", storage
+    )
+    process = subprocess.Popen(
+        [sys.executable, "search.py", *arguments],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -171,8 +211,9 @@ def test_a_killed_search_resumes_from_its_storage(shipped_demo_model: Path, meas
     (name,) = optuna.get_all_study_names(storage)
     done_before = len(completed(optuna.load_study(study_name=name, storage=storage)))
 
-    finished = subprocess.run([sys.executable, "search.py", *arguments], cwd=REPOSITORY, capture_output=True,
-                              text=True, check=False)
+    finished = subprocess.run(
+        [sys.executable, "search.py", *arguments], cwd=REPOSITORY, capture_output=True, text=True, check=False
+    )
     assert finished.returncode == 0, finished.stderr
     assert f"resuming study {name}" in finished.stderr
     study = optuna.load_study(study_name=name, storage=storage)
@@ -192,14 +233,21 @@ def run_search(arguments: list[str], capsys: pytest.CaptureFixture) -> tuple[int
     return stopped.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "fragment"), [
-    (("--quant", "4bit"), "--quant 4bit: trials edit the loaded weights"),
-    (("--refusal-target", "1.5"), "--refusal-target 1.5: must be a rate in [0, 1)"),
-    (("--storage", "search.db"), "--storage search.db: not a storage URL"),
-])
-def test_bad_flags_are_refused_before_anything_loads(tiny_model, tmp_path: Path, capsys, extra, fragment) -> None:
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (("--quant", "4bit"), "--quant 4bit: trials edit the loaded weights"),
+        (("--refusal-target", "1.5"), "--refusal-target 1.5: must be a rate in [0, 1)"),
+        (("--storage", "search.db"), "--storage search.db: not a storage URL"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_loads(
+    tiny_model, tmp_path: Path, capsys, extra, fragment
+) -> None:
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    status, error = run_search(search_arguments(tiny_model("llama"), tmp_path / "m.pt", tmp_path, *extra), capsys)
+    status, error = run_search(
+        search_arguments(tiny_model("llama"), tmp_path / "m.pt", tmp_path, *extra), capsys
+    )
     assert status == 2 and fragment in error and error.count("\n") == 1
 
 
@@ -222,10 +270,18 @@ def test_a_prompt_set_with_nothing_held_back_is_refused(tiny_model, tmp_path: Pa
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
     from lib.core.prompts import is_held_back_for_search
 
-    kept = [f"harmful prompt {index}" for index in range(40) if not is_held_back_for_search(f"harmful prompt {index}")]
+    kept = [
+        f"harmful prompt {index}"
+        for index in range(40)
+        if not is_held_back_for_search(f"harmful prompt {index}")
+    ]
     (tmp_path / "harmful.txt").write_text("\n".join(kept) + "\n")
-    status, error = run_search(search_arguments(tiny_model("llama"), tmp_path / "m.pt", tmp_path,
-                                                "--data-harmful", str(tmp_path / "harmful.txt")), capsys)
+    status, error = run_search(
+        search_arguments(
+            tiny_model("llama"), tmp_path / "m.pt", tmp_path, "--data-harmful", str(tmp_path / "harmful.txt")
+        ),
+        capsys,
+    )
     assert status == 2 and "--data-harmful" in error and "no prompt of it is held back" in error
 
 
@@ -233,6 +289,18 @@ def test_a_prompt_set_with_nothing_held_back_is_refused(tiny_model, tmp_path: Pa
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture, as_a_process: bool) -> None:
     result = run_script("search", ["--help"], capsys, as_a_process=as_a_process)
     assert result.status == 0
-    for flag in ("--model", "--measurements", "--plan", "--output", "--trials", "--storage", "--json", "--chart",
-                 "--data-harmful", "--data-harmless", "--time-budget", "--refusal-target"):
+    for flag in (
+        "--model",
+        "--measurements",
+        "--plan",
+        "--output",
+        "--trials",
+        "--storage",
+        "--json",
+        "--chart",
+        "--data-harmful",
+        "--data-harmless",
+        "--time-budget",
+        "--refusal-target",
+    ):
         assert flag in result.out

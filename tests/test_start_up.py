@@ -28,8 +28,20 @@ ENTRY_SCRIPTS = (
     "demo/check_report.py",
 )
 # Packages that cost a noticeable fraction of a second or more to import.
-HEAVY = ("torch", "transformers", "safetensors", "peft", "optuna", "matplotlib", "numpy", "huggingface_hub",
-         "tokenizers", "accelerate", "bitsandbytes", "pyarrow")
+HEAVY = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "peft",
+    "optuna",
+    "matplotlib",
+    "numpy",
+    "huggingface_hub",
+    "tokenizers",
+    "accelerate",
+    "bitsandbytes",
+    "pyarrow",
+)
 # A flag no script has: argparse rejects it (or a missing required argument) after building the whole parser.
 UNKNOWN_FLAG = "--no-such-flag"
 
@@ -98,8 +110,15 @@ def test_building_the_parser_imports_nothing_heavy(script: str) -> None:
 
 def test_light_option_modules_import_nothing_heavy() -> None:
     """The shared flags and settings the parsers use are importable without torch."""
-    modules = ("lib.core.cli_options", "lib.core.arguments", "lib.core.prompts", "lib.evaluate.refusal_markers", "demo.toy_settings",
-               "demo.tuning_settings", "demo.base_model")
+    modules = (
+        "lib.core.cli_options",
+        "lib.core.arguments",
+        "lib.core.prompts",
+        "lib.evaluate.refusal_markers",
+        "demo.toy_settings",
+        "demo.tuning_settings",
+        "demo.base_model",
+    )
     program = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"

@@ -10,6 +10,7 @@ checked against it and config.json when a checkpoint is opened).
 Tensor names on disk are `{prefix}layers.{L}.{suffix}`; `suffix` patterns are matched in full and
 the layer index is matched as a whole number, so layer 3 never matches layer 30.
 """
+
 from __future__ import annotations
 
 import re
@@ -103,10 +104,19 @@ def _linear_writer(
 ) -> tuple[TensorRule, TensorRule]:
     """An `nn.Linear` that writes to the residual stream: its weight and (when present) its bias."""
     return (
-        TensorRule(rf"{module}\.weight", component, Role.WRITER, RESIDUAL_FIRST, 2, gain=gain,
-                   is_expert=is_expert),
-        TensorRule(rf"{module}\.bias", component, Role.WRITER, RESIDUAL_LAST, 1, is_bias=True, gain=gain,
-                   is_expert=is_expert),
+        TensorRule(
+            rf"{module}\.weight", component, Role.WRITER, RESIDUAL_FIRST, 2, gain=gain, is_expert=is_expert
+        ),
+        TensorRule(
+            rf"{module}\.bias",
+            component,
+            Role.WRITER,
+            RESIDUAL_LAST,
+            1,
+            is_bias=True,
+            gain=gain,
+            is_expert=is_expert,
+        ),
     )
 
 
@@ -196,8 +206,15 @@ _GPT_OSS = Family(
         *_ATTENTION,
         # Fused experts [experts, intermediate, hidden] with `out = x @ W[e]`: the residual axis is last.
         TensorRule(r"mlp\.experts\.down_proj", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, 3, is_expert=True),
-        TensorRule(r"mlp\.experts\.down_proj_bias", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, 2, is_bias=True,
-                   is_expert=True),
+        TensorRule(
+            r"mlp\.experts\.down_proj_bias",
+            MLP_OUTPUT,
+            Role.WRITER,
+            RESIDUAL_LAST,
+            2,
+            is_bias=True,
+            is_expert=True,
+        ),
         _router(r"mlp\.router", _PRE_MLP_NORM),
     ),
     expert_count_key="num_local_experts",

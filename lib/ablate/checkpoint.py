@@ -4,6 +4,7 @@ Nothing is loaded here but the headers, the config and (on request) single tenso
 tensors of original GPT-OSS checkpoints appear as one logical tensor per `*_blocks`/`*_scales`
 pair, already in the orientation of the BF16 checkpoints.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -24,6 +25,14 @@ from lib.ablate.architectures import (
     family_for,
     layer_tensor_pattern,
 )
+from lib.ablate.safetensors_stream import (
+    DTYPE_NAMES,
+    ELEMENT_SIZES,
+    ShardHeader,
+    StoredTensor,
+    read_header,
+    read_tensor,
+)
 from lib.core.errors import UserError
 from lib.core.model_files import (
     INDEX_NAME,
@@ -32,14 +41,6 @@ from lib.core.model_files import (
     read_index,
     resolve_model_directory,
     text_config_of,
-)
-from lib.ablate.safetensors_stream import (
-    DTYPE_NAMES,
-    ELEMENT_SIZES,
-    ShardHeader,
-    StoredTensor,
-    read_header,
-    read_tensor,
 )
 
 
@@ -64,9 +65,9 @@ class PackedTensor:
         return ELEMENT_SIZES[self.dtype] * int(torch.Size(self.shape).numel())
 
 
-LogicalTensor = Union[StoredTensor, PackedTensor]
+LogicalTensor = StoredTensor | PackedTensor
 # A shape as config.json determines it: per axis the config key and its size, or None where any size fits.
-ExpectedShape = tuple[Union[tuple[str, int], None], ...]
+ExpectedShape = tuple[tuple[str, int] | None, ...]
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ class Checkpoint:
     index_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.tensors: dict[str, LogicalTensor] = {tensor.name: tensor for shard in self.shards for tensor in shard.tensors}
+        self.tensors: dict[str, LogicalTensor] = {
+            tensor.name: tensor for shard in self.shards for tensor in shard.tensors
+        }
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -168,8 +171,18 @@ def open_checkpoint(model: str | Path, flag: str = "model") -> Checkpoint:
     num_layers, hidden_size = text_config.get("num_hidden_layers"), text_config.get("hidden_size")
     if not isinstance(num_layers, int) or not isinstance(hidden_size, int):
         raise UserError(f"{directory / 'config.json'}: needs integer num_hidden_layers and hidden_size")
-    checkpoint = Checkpoint(directory, config, model_type, family, layout, num_layers, hidden_size, shards,
-                            is_sharded, index_metadata)
+    checkpoint = Checkpoint(
+        directory,
+        config,
+        model_type,
+        family,
+        layout,
+        num_layers,
+        hidden_size,
+        shards,
+        is_sharded,
+        index_metadata,
+    )
     _check_shapes(checkpoint)
     return checkpoint
 
@@ -184,7 +197,8 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
     mismatches = [
         f"{shard.path}: tensor {tensor.name} has shape {list(tensor.shape)}, "
         f"but config.json implies {_shape_text(expected[tensor.name])}"
-        for shard in checkpoint.shards for tensor in shard.tensors
+        for shard in checkpoint.shards
+        for tensor in shard.tensors
         if tensor.name in expected and not _fits(tensor.shape, expected[tensor.name])
     ]
     if mismatches:
@@ -213,8 +227,9 @@ def _expected_shapes(checkpoint: Checkpoint) -> dict[str, ExpectedShape]:
 
 
 def _fits(shape: tuple[int, ...], expected: ExpectedShape) -> bool:
-    return len(shape) == len(expected) and all(axis is None or size == axis[1]
-                                               for size, axis in zip(shape, expected))
+    return len(shape) == len(expected) and all(
+        axis is None or size == axis[1] for size, axis in zip(shape, expected)
+    )
 
 
 def _shape_text(expected: ExpectedShape) -> str:
@@ -236,7 +251,9 @@ def _read_stored_tensors(directory: Path) -> tuple[dict[str, ShardHeader], bool,
         return stored_by_file, True, index_metadata
     if (directory / SINGLE_FILE_NAME).is_file():
         return {SINGLE_FILE_NAME: read_header(directory / SINGLE_FILE_NAME)}, False, {}
-    raise UserError(f"{directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")
+    raise UserError(
+        f"{directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)"
+    )
 
 
 def _detect_layout(family: Family, names: set[str], directory: Path) -> Layout:
@@ -250,7 +267,11 @@ def _detect_layout(family: Family, names: set[str], directory: Path) -> Layout:
 
 
 def _packed_tensors(
-    family: Family, layout: Layout, config: dict[str, Any], stored_by_file: dict[str, ShardHeader], directory: Path
+    family: Family,
+    layout: Layout,
+    config: dict[str, Any],
+    stored_by_file: dict[str, ShardHeader],
+    directory: Path,
 ) -> dict[str, PackedTensor]:
     """Pair every MXFP4 `*_blocks` tensor the family knows with its `*_scales`."""
     if not family.packed_expert_tensors:
@@ -265,11 +286,15 @@ def _packed_tensors(
         base = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
         scales = stored.get(base + mxfp4.SCALES_SUFFIX)
         if scales is None or len(tensor.shape) != 4 or tuple(tensor.shape[:-1]) != tuple(scales.shape):
-            raise UserError(f"{directory}: {name} has no matching {base}{mxfp4.SCALES_SUFFIX} of shape {tensor.shape[:-1]}")
+            raise UserError(
+                f"{directory}: {name} has no matching {base}{mxfp4.SCALES_SUFFIX} of shape {tensor.shape[:-1]}"
+            )
         packed[base] = PackedTensor(base, tensor, scales)
     quantization = config.get("quantization_config") or {}
     if packed and quantization.get("quant_method") != "mxfp4":
-        raise UserError(f"{directory / 'config.json'}: tensors are MXFP4-packed but quantization_config is not mxfp4")
+        raise UserError(
+            f"{directory / 'config.json'}: tensors are MXFP4-packed but quantization_config is not mxfp4"
+        )
     return packed
 
 
@@ -282,5 +307,10 @@ def _shard(directory: Path, file_name: str, header: ShardHeader, packed: dict[st
             tensors.append(tensor)
         elif tensor.name == packed[base].blocks.name:
             tensors.append(packed[base])
-    return Shard(file_name, directory / file_name, header.metadata, tuple(tensors),
-                 frozenset(tensor.name for tensor in header.tensors))
+    return Shard(
+        file_name,
+        directory / file_name,
+        header.metadata,
+        tuple(tensors),
+        frozenset(tensor.name for tensor in header.tensors),
+    )

@@ -2,16 +2,18 @@
 dequantised MXFP4 experts), tokenizer, chat template and every other non-weight file, copied; files
 that hold weights in another format are skipped, never shipped unedited.
 """
+
 from __future__ import annotations
+
 import json
 import shutil
 from pathlib import Path
 from typing import Any
+
 from lib.ablate.checkpoint import Checkpoint
 from lib.ablate.record import MODEL_CARD_NAME
-from lib.core.model_files import INDEX_NAME, text_config_of
 from lib.ablate.resolution import Resolution
-
+from lib.core.model_files import INDEX_NAME, text_config_of
 
 CONFIG_NAME = "config.json"
 
@@ -73,6 +75,9 @@ def copy_non_weight_files(files: list[Path], directory: Path, config: dict[str, 
 
 
 def non_weight_bytes(files: list[Path]) -> int:
-    return sum(sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir()
-               else path.stat().st_size for path in files)
-
+    return sum(
+        sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+        for path in files
+    )

@@ -9,6 +9,7 @@ transformers does not always keep a checkpoint tensor under its own name: versio
 experts into one parameter and renames Mixtral's modules. `lib/ablate/architectures.py` lists those names
 per family (`LoadedName`); a multimodal wrapper's text model may sit under another layout prefix.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,9 +22,9 @@ import transformers
 from transformers import PreTrainedModel
 
 from lib.ablate.checkpoint import Checkpoint
-from lib.core.errors import UserError
 from lib.ablate.projection import project_out
 from lib.ablate.resolution import Resolution, TensorEdit
+from lib.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,11 @@ class InMemoryEditor:
         for loaded in self._stacked_or_renamed(tensor):
             if loaded.parameter_name in self.parameters:
                 return loaded
-        raise UserError(f"{tensor}: no parameter of the loaded {type(self.model).__name__} holds this checkpoint "
-                        f"tensor (transformers {transformers.__version__}); this plan cannot be applied in memory, "
-                        "write it with sharded_ablate.py instead")
+        raise UserError(
+            f"{tensor}: no parameter of the loaded {type(self.model).__name__} holds this checkpoint "
+            f"tensor (transformers {transformers.__version__}); this plan cannot be applied in memory, "
+            "write it with sharded_ablate.py instead"
+        )
 
     def apply(self, resolution: Resolution) -> None:
         """Edit the model as sharded_ablate.py would edit the checkpoint."""
@@ -79,8 +82,10 @@ class InMemoryEditor:
     def _edit(self, edit: TensorEdit, loaded: LoadedTensor) -> None:
         parameter = self.parameters[loaded.parameter_name]
         if not parameter.dtype.is_floating_point:
-            raise UserError(f"{edit.tensor}: loaded as {parameter.dtype} (a quantised model?); in-memory edits "
-                            "need floating-point weights: load the model without --quant")
+            raise UserError(
+                f"{edit.tensor}: loaded as {parameter.dtype} (a quantised model?); in-memory edits "
+                "need floating-point weights: load the model without --quant"
+            )
         if loaded.parameter_name not in self.originals:
             self.originals[loaded.parameter_name] = parameter.detach().clone()
         values = parameter.data if loaded.expert is None else parameter.data[loaded.expert]
@@ -99,7 +104,7 @@ class InMemoryEditor:
         own_prefix = self.checkpoint.layout.model_prefix
         if tensor.startswith(own_prefix):
             for layout in self.checkpoint.family.layouts:
-                yield layout.model_prefix + tensor[len(own_prefix):]
+                yield layout.model_prefix + tensor[len(own_prefix) :]
 
     def _stacked_or_renamed(self, tensor: str) -> Iterator[LoadedTensor]:
         for prefix in {layout.model_prefix for layout in self.checkpoint.family.layouts}:
@@ -108,8 +113,10 @@ class InMemoryEditor:
                 matched = re.fullmatch(pattern, tensor)
                 if matched:
                     expert = matched.groupdict().get("expert")
-                    yield LoadedTensor(f"{prefix}layers.{matched['layer']}.{loaded_name.parameter}",
-                                       None if expert is None else int(expert))
+                    yield LoadedTensor(
+                        f"{prefix}layers.{matched['layer']}.{loaded_name.parameter}",
+                        None if expert is None else int(expert),
+                    )
 
 
 @contextmanager

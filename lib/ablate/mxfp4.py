@@ -10,6 +10,7 @@ orientation of the BF16 checkpoints (`down_proj` [experts, intermediate, hidden]
 Every FP4 value times a power of two is exactly representable in bfloat16, so dequantising to
 bfloat16 loses nothing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ def dequantized_shape(blocks_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return experts, groups * bytes_per_group * 2, rows
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = DEQUANTIZED_DTYPE) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = DEQUANTIZED_DTYPE
+) -> torch.Tensor:
     """[experts, rows, groups, 16] codes and [experts, rows, groups] scales -> [experts, groups * 32, rows]."""
     if blocks.dim() != 4 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")

@@ -9,28 +9,32 @@
   releases when the process dies however it dies, so a lock left by a killed run is recognised as
   stale and taken over. Under that lock, lib.core.atomic.recover_interrupted cleans up after killed runs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lib.ablate.record import PLAN_FILE_NAME, TOOL_NAME, files_written_by_this_tool, output_entries
 from lib.core.errors import UserError
-
 
 
 def check_output_location(output: Path, input_directory: Path, overwrite: bool, flag: str = "output") -> None:
     output_path = output.absolute().resolve()
     input_path = input_directory.absolute().resolve()
     if output_path == input_path or input_path in output_path.parents:
-        raise UserError(f"{flag} {output}: is or lies inside the input model directory {input_path}; "
-                        "choose a directory outside it (the input is never modified)")
+        raise UserError(
+            f"{flag} {output}: is or lies inside the input model directory {input_path}; "
+            "choose a directory outside it (the input is never modified)"
+        )
     if overwrite and output_path in input_path.parents:
-        raise UserError(f"{flag} {output}: contains the input model directory {input_path}; "
-                        "--overwrite would delete the input, choose another output")
+        raise UserError(
+            f"{flag} {output}: contains the input model directory {input_path}; "
+            "--overwrite would delete the input, choose another output"
+        )
     parent = output_path.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {output}: parent directory {parent} does not exist")
@@ -38,9 +42,13 @@ def check_output_location(output: Path, input_directory: Path, overwrite: bool, 
         raise UserError(f"{flag} {output}: parent directory {parent} is not writable")
     if output_path.exists() or output_path.is_symlink():
         if not overwrite:
-            raise UserError(f"{flag} {output}: already exists; pass --overwrite to replace it once the new output is complete")
+            raise UserError(
+                f"{flag} {output}: already exists; pass --overwrite to replace it once the new output is complete"
+            )
         if not output_path.is_dir() or output.is_symlink():  # output_path is resolved: ask the name given
-            raise UserError(f"{flag} {output}: exists and is not a directory; --overwrite only replaces a directory")
+            raise UserError(
+                f"{flag} {output}: exists and is not a directory; --overwrite only replaces a directory"
+            )
         _check_replaceable(output, flag)
 
 
@@ -48,16 +56,23 @@ def _check_replaceable(output: Path, flag: str = "output") -> None:
     """--overwrite deletes the old output: allow it only for one this tool wrote, with nothing added since."""
     written = files_written_by_this_tool(output)
     if written is None:
-        reason = (f"no {PLAN_FILE_NAME}" if not (output / PLAN_FILE_NAME).exists()
-                  else f"its {PLAN_FILE_NAME} does not list the files {TOOL_NAME} wrote there")
-        raise UserError(f"{flag} {output}: exists and was not written by {TOOL_NAME} ({reason}); "
-                        "--overwrite only replaces a previous output of this tool, "
-                        "choose another output or remove it yourself")
+        reason = (
+            f"no {PLAN_FILE_NAME}"
+            if not (output / PLAN_FILE_NAME).exists()
+            else f"its {PLAN_FILE_NAME} does not list the files {TOOL_NAME} wrote there"
+        )
+        raise UserError(
+            f"{flag} {output}: exists and was not written by {TOOL_NAME} ({reason}); "
+            "--overwrite only replaces a previous output of this tool, "
+            "choose another output or remove it yourself"
+        )
     added = sorted(set(output_entries(output)) - written)
     if added:
         shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
-        raise UserError(f"{flag} {output}: holds files {TOOL_NAME} did not write ({shown}); "
-                        "--overwrite would delete them, move them out or choose another output")
+        raise UserError(
+            f"{flag} {output}: holds files {TOOL_NAME} did not write ({shown}); "
+            "--overwrite would delete them, move them out or choose another output"
+        )
 
 
 def lock_path(output: Path) -> Path:
@@ -76,7 +91,9 @@ def output_lock(output: Path, flag: str = "output") -> Iterator[None]:
         except BlockingIOError:
             holder = _read_holder(descriptor)
             os.close(descriptor)
-            raise UserError(f"{flag} {output}: another run ({holder}) is writing it; wait for it to finish") from None
+            raise UserError(
+                f"{flag} {output}: another run ({holder}) is writing it; wait for it to finish"
+            ) from None
         # The previous holder may have deleted the file between our open and our lock: lock the current one.
         if _same_file(descriptor, path):
             break

@@ -5,6 +5,7 @@ a file are reported together, in one line, before anything is read from the mode
 Checks that need the model or the measurement file (layer ranges, measured layers, directions)
 happen in lib/ablate/resolution.py, also before anything is written.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -13,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar
 
 import yaml
 
@@ -21,7 +22,7 @@ from lib.ablate.architectures import DEFAULT_COMPONENTS, LAYER_COMPONENTS
 from lib.core.errors import UserError
 
 # A measured layer, a fractional layer (interpolated), or several of those (mean of unit directions).
-MeasurementSpec = Union[int, float, tuple[Union[int, float], ...]]
+MeasurementSpec = int | float | tuple[int | float, ...]
 
 OPTION_KEYS = ("scale", "sparsity", "components", "projected", "norm_preserve", "invert")
 TOP_LEVEL_KEYS = ("model", "measurements", "output", *OPTION_KEYS, "embeddings", "ablate")
@@ -85,11 +86,19 @@ class Plan:
         scale = self.global_scale * entry.options.scale
         return -scale if entry.options.invert else scale
 
-    def with_overrides(self, projected: bool = False, norm_preserve: bool = False, invert: bool = False) -> Plan:
+    def with_overrides(
+        self, projected: bool = False, norm_preserve: bool = False, invert: bool = False
+    ) -> Plan:
         """Command-line switches win over the YAML, for every entry (`projected`: at each edited layer)."""
-        switched: dict[str, Any] = {key: value for key, value, on in
-                                    (("projected", PROJECTED_AT_EDITED_LAYER, projected),
-                                     ("norm_preserve", True, norm_preserve), ("invert", True, invert)) if on}
+        switched: dict[str, Any] = {
+            key: value
+            for key, value, on in (
+                ("projected", PROJECTED_AT_EDITED_LAYER, projected),
+                ("norm_preserve", True, norm_preserve),
+                ("invert", True, invert),
+            )
+            if on
+        }
         if not switched:
             return self
 
@@ -154,7 +163,7 @@ class _PlanLoader(yaml.SafeLoader):
     (`<<: *defaults`) keep working.
     """
 
-    yaml_implicit_resolvers: dict = {}
+    yaml_implicit_resolvers: ClassVar[dict] = {}
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
@@ -187,8 +196,10 @@ _CORE_SCHEMA = (
     ("tag:yaml.org,2002:null", r"~|null|Null|NULL|"),
     ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE"),
     ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
-    ("tag:yaml.org,2002:float",
-     r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"),
+    (
+        "tag:yaml.org,2002:float",
+        r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+    ),
     (_MERGE_TAG, r"<<"),
 )
 for tag, pattern in _CORE_SCHEMA:
@@ -214,7 +225,9 @@ def parse_plan(document: Any, source: Path, text: str = "") -> Plan:
         problems.add("ablate", "missing: list the layers to edit, e.g. '- layer: 10'")
     _check_duplicate_layers(entries, problems)
     problems.raise_if_any(source)
-    return Plan(source, model, Path(measurements), Path(output), global_scale, tuple(entries), embeddings, text)
+    return Plan(
+        source, model, Path(measurements), Path(output), global_scale, tuple(entries), embeddings, text
+    )
 
 
 def _check_keys(mapping: dict, allowed: tuple[str, ...], path: str, problems: _Problems) -> None:
@@ -240,7 +253,10 @@ def _is_number(value: Any) -> bool:
 
 def _scale(value: Any, path: str, problems: _Problems) -> float:
     if not _is_number(value) or not math.isfinite(value):
-        problems.add(path, f"must be a finite number (1.0 removes the direction, 0 keeps it, negative adds it), got {value!r}")
+        problems.add(
+            path,
+            f"must be a finite number (1.0 removes the direction, 0 keeps it, negative adds it), got {value!r}",
+        )
         return 1.0
     return float(value)
 
@@ -248,7 +264,9 @@ def _scale(value: Any, path: str, problems: _Problems) -> float:
 def _sparsity(value: Any, path: str, problems: _Problems) -> float:
     if not _is_number(value) or not 0.0 < value <= 1.0:
         hint = " (older tools wrote 0.0 for 'no sparsity'; that is 1.0 here)" if value == 0 else ""
-        problems.add(path, f"must be in (0, 1], the fraction of direction components kept, got {value!r}{hint}")
+        problems.add(
+            path, f"must be in (0, 1], the fraction of direction components kept, got {value!r}{hint}"
+        )
         return 1.0
     return float(value)
 
@@ -266,8 +284,10 @@ def _projection(value: Any, path: str, problems: _Problems) -> str:
     if value is False:
         return NOT_PROJECTED
     if value not in PROJECTION_CHOICES:
-        problems.add(path, f"must be one of {', '.join(PROJECTION_CHOICES)} (true means edited, false none), "
-                           f"got {value!r}")
+        problems.add(
+            path,
+            f"must be one of {', '.join(PROJECTION_CHOICES)} (true means edited, false none), got {value!r}",
+        )
         return NOT_PROJECTED
     return value
 
@@ -279,12 +299,18 @@ def _components(value: Any, path: str, problems: _Problems) -> frozenset[str]:
         return DEFAULT_COMPONENTS
     for position, name in enumerate(value):
         if name not in LAYER_COMPONENTS:
-            hint = " (embeddings are edited by the top-level 'embeddings' entry)" if name in ("embeddings", "embedding") else ""
+            hint = (
+                " (embeddings are edited by the top-level 'embeddings' entry)"
+                if name in ("embeddings", "embedding")
+                else ""
+            )
             problems.add(f"{path}[{position}]", f"unknown component {name!r}; allowed: {allowed}{hint}")
     return frozenset(name for name in value if name in LAYER_COMPONENTS)
 
 
-def _options(mapping: dict, path: str, inherited: Options, problems: _Problems, allow_scale: bool = True) -> Options:
+def _options(
+    mapping: dict, path: str, inherited: Options, problems: _Problems, allow_scale: bool = True
+) -> Options:
     where = f"{path}." if path else ""
     options = inherited
     if allow_scale and "scale" in mapping:
@@ -292,12 +318,16 @@ def _options(mapping: dict, path: str, inherited: Options, problems: _Problems, 
     if "sparsity" in mapping:
         options = replace(options, sparsity=_sparsity(mapping["sparsity"], f"{where}sparsity", problems))
     if "components" in mapping:
-        options = replace(options, components=_components(mapping["components"], f"{where}components", problems))
+        options = replace(
+            options, components=_components(mapping["components"], f"{where}components", problems)
+        )
     if "projected" in mapping:
         options = replace(options, projected=_projection(mapping["projected"], f"{where}projected", problems))
     for key in ("norm_preserve", "invert"):
         if key in mapping:
-            options = replace(options, **{key: _flag(mapping[key], f"{where}{key}", problems, getattr(inherited, key))})
+            options = replace(
+                options, **{key: _flag(mapping[key], f"{where}{key}", problems, getattr(inherited, key))}
+            )
     return options
 
 
@@ -313,7 +343,10 @@ def _layers(value: Any, path: str, problems: _Problems) -> tuple[range, ...]:
         if matched and int(matched[1]) <= int(matched[2]):
             layers.append(range(int(matched[1]), int(matched[2]) + 1))
             continue
-        problems.add(path, f"must be a layer number >= 0, an inclusive range like \"10-20\", or a list of those; got {item!r}")
+        problems.add(
+            path,
+            f'must be a layer number >= 0, an inclusive range like "10-20", or a list of those; got {item!r}',
+        )
     return tuple(layers)
 
 
@@ -337,7 +370,8 @@ def merge_layer_ranges(ranges: Iterable[range]) -> list[range]:
 def format_layer_ranges(ranges: Iterable[range]) -> str:
     """Ranges of layers in the plan's syntax, merged where they touch: [range(1, 3), range(3, 4)] -> "1-3"."""
     return ", ".join(
-        str(run.start) if len(run) == 1 else f"{run.start}-{run.stop - 1}" for run in merge_layer_ranges(ranges)
+        str(run.start) if len(run) == 1 else f"{run.start}-{run.stop - 1}"
+        for run in merge_layer_ranges(ranges)
     )
 
 
@@ -370,20 +404,32 @@ def _entries(value: Any, defaults: Options, problems: _Problems) -> list[PlanEnt
     if value is None:
         return []
     if not isinstance(value, list):
-        problems.add("ablate", f"must be a list of entries with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])})")
+        problems.add(
+            "ablate", f"must be a list of entries with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])})"
+        )
         return []
     entries = []
     for position, item in enumerate(value):
         path = f"ablate[{position}]"
         if not isinstance(item, dict):
-            problems.add(path, f"must be a mapping with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])}), got {item!r}")
+            problems.add(
+                path,
+                f"must be a mapping with 'layer' (and optionally {', '.join(ENTRY_KEYS[1:])}), got {item!r}",
+            )
             continue
         _check_keys(item, ENTRY_KEYS, path, problems)
         if "layer" not in item:
-            problems.add(path, "missing 'layer': the decoder layer (or range \"A-B\", or list) whose weights are edited")
+            problems.add(
+                path,
+                "missing 'layer': the decoder layer (or range \"A-B\", or list) whose weights are edited",
+            )
             continue
         layers = _layers(item["layer"], f"{path}.layer", problems)
-        measurement = _measurement(item["measurement"], f"{path}.measurement", problems) if "measurement" in item else None
+        measurement = (
+            _measurement(item["measurement"], f"{path}.measurement", problems)
+            if "measurement" in item
+            else None
+        )
         options = _options(item, path, replace(defaults, scale=1.0), problems)
         entries.append(PlanEntry(path, layers, measurement, options))
     return entries
@@ -393,7 +439,10 @@ def _embeddings(value: Any, defaults: Options, problems: _Problems) -> PlanEntry
     if value is None:
         return None
     if not isinstance(value, dict) or "measurement" not in value:
-        problems.add("embeddings", f"must be a mapping with 'measurement' (and optionally {', '.join(EMBEDDING_KEYS[1:])})")
+        problems.add(
+            "embeddings",
+            f"must be a mapping with 'measurement' (and optionally {', '.join(EMBEDDING_KEYS[1:])})",
+        )
         return None
     _check_keys(value, EMBEDDING_KEYS, "embeddings", problems)
     measurement = _measurement(value["measurement"], "embeddings.measurement", problems)
@@ -413,6 +462,9 @@ def _check_duplicate_layers(entries: list[PlanEntry], problems: _Problems) -> No
                 overlap = range(max(layers.start, earlier.start), min(layers.stop, earlier.stop))
                 if overlap:
                     where = "earlier in this entry" if path == entry.path else f"by {path}"
-                    problems.add(f"{entry.path}.layer", f"{layers_are([overlap])} already planned {where}; "
-                                 "plan each layer once (use a list 'measurement' to combine directions)")
+                    problems.add(
+                        f"{entry.path}.layer",
+                        f"{layers_are([overlap])} already planned {where}; "
+                        "plan each layer once (use a list 'measurement' to combine directions)",
+                    )
             seen.append((layers, entry.path))

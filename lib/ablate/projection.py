@@ -11,6 +11,7 @@ Two layouts cover every rule (see lib/ablate/architectures.py):
   biases, routers, embeddings); `W' = W - s (W d) dᵀ`.
 The norm-preserving variant rescales every such vector back to its original length afterwards.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,9 @@ def _workspace(blocks: list[slice], row_length: int, device: torch.device | str)
     return torch.empty(rows * row_length, dtype=torch.float32, device=device)
 
 
-def _norm_restoring_factors(squared_norms: torch.Tensor, coefficients: torch.Tensor, scale: float) -> torch.Tensor:
+def _norm_restoring_factors(
+    squared_norms: torch.Tensor, coefficients: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Per vector, `|v| / |v - s c d|` with `c = v·d` and |d| = 1; 1 where the result would vanish."""
     squared_norms, coefficients = squared_norms.double(), coefficients.double()
     remaining = squared_norms - (2.0 * scale - scale * scale) * coefficients.square()
@@ -122,7 +125,11 @@ def _norm_restoring_factors(squared_norms: torch.Tensor, coefficients: torch.Ten
 
 
 def _project_rows(
-    rows: torch.Tensor, direction: torch.Tensor, scale: float, norm_preserving: bool, device: torch.device | str
+    rows: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float,
+    norm_preserving: bool,
+    device: torch.device | str,
 ) -> None:
     blocks = _row_blocks(*rows.shape, device)
     workspace = _workspace(blocks, rows.shape[1], device)
@@ -137,7 +144,11 @@ def _project_rows(
 
 
 def _project_columns(
-    matrix: torch.Tensor, direction: torch.Tensor, scale: float, norm_preserving: bool, device: torch.device | str
+    matrix: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float,
+    norm_preserving: bool,
+    device: torch.device | str,
 ) -> None:
     # Columns span every row, so a first pass accumulates each column's dᵀv (and |v|²), a second edits.
     blocks = _row_blocks(*matrix.shape, device)

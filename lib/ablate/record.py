@@ -2,17 +2,20 @@
 every file the run wrote, so that --overwrite replaces only an output it fully accounts for), the
 model card, and the dry-run's edit table.
 """
+
 from __future__ import annotations
+
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
 import yaml
+
 from lib.ablate.checkpoint import Checkpoint
 from lib.ablate.plan import Plan, format_layers
-from lib.core.prompts import file_sha256
 from lib.ablate.resolution import Resolution, TensorEdit
-
+from lib.core.prompts import file_sha256
 
 PLAN_FILE_NAME = "ablation_plan.yml"
 
@@ -27,13 +30,19 @@ TOOL_NAME = "sharded_ablate.py"
 OUTPUT_FILES_KEY = "output_files"
 
 
-def resolved_plan_document(plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path]) -> dict:
+def resolved_plan_document(
+    plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path]
+) -> dict:
     """What was done, explicitly: written beside the weights as ablation_plan.yml."""
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool": TOOL_NAME,
         "plan_file": str(plan.source),
-        "model": {"path": str(checkpoint.directory), "given_as": plan.model, "model_type": checkpoint.model_type},
+        "model": {
+            "path": str(checkpoint.directory),
+            "given_as": plan.model,
+            "model_type": checkpoint.model_type,
+        },
         "measurements": {"path": str(plan.measurements), "sha256": file_sha256(plan.measurements)},
         "global_scale": plan.global_scale,
         "untied_embeddings": resolution.untie_embeddings,
@@ -57,14 +66,18 @@ def edit_record(edit: TensorEdit) -> dict[str, Any]:
     }
 
 
-def write_plan_and_card(plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path],
-                        directory: Path) -> None:
+def write_plan_and_card(
+    plan: Plan, checkpoint: Checkpoint, resolution: Resolution, skipped: list[Path], directory: Path
+) -> None:
     """Written last: the plan copy lists every file in `directory`, itself and the model card included."""
     document = resolved_plan_document(plan, checkpoint, resolution, skipped)
     document[OUTPUT_FILES_KEY] = sorted([*output_entries(directory), PLAN_FILE_NAME, MODEL_CARD_NAME])
-    (directory / PLAN_FILE_NAME).write_text(yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False,
-                                                      allow_unicode=True, width=120))
-    (directory / MODEL_CARD_NAME).write_text(model_card(document, resolution, checkpoint.directory / MODEL_CARD_NAME))
+    (directory / PLAN_FILE_NAME).write_text(
+        yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True, width=120)
+    )
+    (directory / MODEL_CARD_NAME).write_text(
+        model_card(document, resolution, checkpoint.directory / MODEL_CARD_NAME)
+    )
 
 
 def output_entries(directory: Path) -> list[str]:
@@ -121,17 +134,24 @@ def model_card(document: dict[str, Any], resolution: Resolution, original_card: 
         f"- Measurements: `{document['measurements']['path']}` (sha256 `{document['measurements']['sha256']}`)",
         f"- Layers edited: {format_layers(layers) if layers else 'none'}",
         f"- Tensors edited: {len(resolution.edits)} ("
-        + ", ".join(f"{count} {name}" for name, count in sorted(components.items())) + ")",
+        + ", ".join(f"{count} {name}" for name, count in sorted(components.items()))
+        + ")",
         f"- Global scale: {document['global_scale']:g}",
     ]
     if document["untied_embeddings"]:
-        lines.append("- The embedding was edited while tied to the output head: an untouched `lm_head` was written "
-                     "and `tie_word_embeddings` set to false.")
+        lines.append(
+            "- The embedding was edited while tied to the output head: an untouched `lm_head` was written "
+            "and `tie_word_embeddings` set to false."
+        )
     if document["dequantized_mxfp4"]:
-        lines.append("- The MXFP4 expert tensors were dequantised to bfloat16 (exactly) and `quantization_config` removed.")
+        lines.append(
+            "- The MXFP4 expert tensors were dequantised to bfloat16 (exactly) and `quantization_config` removed."
+        )
     if document["skipped_files"]:
-        lines.append("- Not copied (weights in another format, which would be unedited): "
-                     + ", ".join(f"`{name}`" for name in document["skipped_files"]))
+        lines.append(
+            "- Not copied (weights in another format, which would be unedited): "
+            + ", ".join(f"`{name}`" for name in document["skipped_files"])
+        )
     lines += ["", f"The full edit list and the plan as written are in `{PLAN_FILE_NAME}`.", ""]
     if body.strip():
         lines += ["## Original model card", "", body.strip(), ""]
@@ -152,10 +172,17 @@ def edit_table(edits: tuple[TensorEdit, ...]) -> str:
     """The dry-run listing: one line per tensor edit, in aligned columns."""
     header = ("TENSOR", "RULE", "LAYER", "SOURCE", "SCALE", "DIRECTION")
     rows = [header] + [
-        (edit.tensor, edit.rule, "-" if edit.layer is None else str(edit.layer), edit.source, f"{edit.scale:g}",
-         edit.direction_label + (f" through gain of {edit.gain_label}" if edit.gain_label else ""))
+        (
+            edit.tensor,
+            edit.rule,
+            "-" if edit.layer is None else str(edit.layer),
+            edit.source,
+            f"{edit.scale:g}",
+            edit.direction_label + (f" through gain of {edit.gain_label}" if edit.gain_label else ""),
+        )
         for edit in edits
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows)
-
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows
+    )

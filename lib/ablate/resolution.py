@@ -5,6 +5,7 @@ layer, where its direction comes from, the effective scale and the exact unit ve
 projected out (already passed through a norm gain where one applies). Everything that can be wrong
 with the plan for this model is found here, before anything is written, and reported at once.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ from lib.ablate.architectures import (
     Role,
 )
 from lib.ablate.checkpoint import Checkpoint, TensorMatch
-from lib.measure.measurements import Measurements
 from lib.ablate.plan import MeasurementSpec, Plan, PlanEntry, layers_are, raise_problems
 from lib.ablate.projection import (
     DegenerateDirectionError,
@@ -37,6 +37,7 @@ from lib.ablate.projection import (
     unit,
 )
 from lib.ablate.safetensors_stream import FLOATING_DTYPES
+from lib.measure.measurements import Measurements
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,10 @@ def _check_components_exist(entry: PlanEntry, checkpoint: Checkpoint, problems: 
         return
     available = {rule.component for rule in checkpoint.family.rules}
     for component in sorted(entry.options.components - available - {BIASES}):
-        problems.append(f"{entry.path}.components: model_type {checkpoint.model_type} has no {component} tensors; "
-                        f"it has: {', '.join(sorted(available))}")
+        problems.append(
+            f"{entry.path}.components: model_type {checkpoint.model_type} has no {component} tensors; "
+            f"it has: {', '.join(sorted(available))}"
+        )
 
 
 def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[str]) -> list[int]:
@@ -106,11 +109,13 @@ def _layers_in_range(entry: PlanEntry, checkpoint: Checkpoint, problems: list[st
     costs nothing.
     """
     count = checkpoint.num_layers
-    outside = [range(max(layers.start, count), layers.stop) for layers in entry.layer_ranges
-               if layers.stop > count]
+    outside = [
+        range(max(layers.start, count), layers.stop) for layers in entry.layer_ranges if layers.stop > count
+    ]
     if outside:
-        problems.append(f"{entry.path}.layer: {layers_are(outside)} out of range; "
-                        f"the model has layers 0..{count - 1}")
+        problems.append(
+            f"{entry.path}.layer: {layers_are(outside)} out of range; the model has layers 0..{count - 1}"
+        )
     return [layer for layers in entry.layer_ranges for layer in range(layers.start, min(layers.stop, count))]
 
 
@@ -118,15 +123,22 @@ def _check_measurements_fit(checkpoint: Checkpoint, measurements: Measurements, 
     source = measurements.source
     mismatches = measurements.model_mismatches(checkpoint.num_layers, checkpoint.hidden_size)
     if "hidden_size" in mismatches:
-        problems.append(f"measurements {source}: directions have {measurements.hidden_size} components, "
-                        f"but the model's hidden size is {checkpoint.hidden_size} (measured on another model?)")
+        problems.append(
+            f"measurements {source}: directions have {measurements.hidden_size} components, "
+            f"but the model's hidden size is {checkpoint.hidden_size} (measured on another model?)"
+        )
     if "num_hidden_layers" in mismatches:
-        problems.append(f"measurements {source}: measured a model with {measurements.num_layers} layers, "
-                        f"but the model has {checkpoint.num_layers}")
+        problems.append(
+            f"measurements {source}: measured a model with {measurements.num_layers} layers, "
+            f"but the model has {checkpoint.num_layers}"
+        )
 
 
 def _direction(
-    entry: PlanEntry, spec: MeasurementSpec, harmless_layer: int, measurements: Measurements,
+    entry: PlanEntry,
+    spec: MeasurementSpec,
+    harmless_layer: int,
+    measurements: Measurements,
     problems: list[str],
 ) -> tuple[torch.Tensor, str] | None:
     """The entry's prepared unit direction (measured, projected, sparsified) and how it was made."""
@@ -143,13 +155,17 @@ def _direction(
             direction = sparsified(direction, options.sparsity)
             label += f", sparsity {options.sparsity:g}"
     except _MissingHarmlessMean as missing:
-        problems.append(f"{entry.path}.projected: needs the harmless mean of layer {missing.layer}, "
-                        "which the measurement file lacks")
+        problems.append(
+            f"{entry.path}.projected: needs the harmless mean of layer {missing.layer}, "
+            "which the measurement file lacks"
+        )
         return None
     except _MissingMeasurement as missing:
         available = sorted(measurements.layers)
-        problems.append(f"{entry.path}.measurement: the measurement file has no layer {missing.layer} "
-                        f"(it has {available[0]}..{available[-1]})")
+        problems.append(
+            f"{entry.path}.measurement: the measurement file has no layer {missing.layer} "
+            f"(it has {available[0]}..{available[-1]})"
+        )
         return None
     except DegenerateDirectionError as error:
         problems.append(f"{entry.path}: {error} after preparing it from {label}; choose another measurement")
@@ -185,6 +201,7 @@ def _measurement_label(spec: MeasurementSpec) -> str:
 def _measured_direction(spec: MeasurementSpec, measurements: Measurements, projected: bool) -> torch.Tensor:
     """The unit direction `spec` names; with `projected`, each measured layer's direction is first
     orthogonalised against that layer's harmless mean (as `measure.py --projected` stores it)."""
+
     def measured(layer: int) -> torch.Tensor:
         if layer not in measurements.layers:
             raise _MissingMeasurement(layer)
@@ -200,14 +217,23 @@ def _measured_direction(spec: MeasurementSpec, measurements: Measurements, proje
 
 
 def _layer_edits(
-    plan: Plan, entry: PlanEntry, layer: int, checkpoint: Checkpoint, measurements: Measurements,
-    matches: dict[int, list[TensorMatch]], problems: list[str],
+    plan: Plan,
+    entry: PlanEntry,
+    layer: int,
+    checkpoint: Checkpoint,
+    measurements: Measurements,
+    matches: dict[int, list[TensorMatch]],
+    problems: list[str],
 ) -> list[TensorEdit]:
-    prepared = _direction(entry, layer if entry.measurement is None else entry.measurement, layer, measurements,
-                          problems)
-    selected = [match for match in matches.get(layer, [])
-                if match.rule.component in entry.options.components
-                and (not match.rule.is_bias or BIASES in entry.options.components)]
+    prepared = _direction(
+        entry, layer if entry.measurement is None else entry.measurement, layer, measurements, problems
+    )
+    selected = [
+        match
+        for match in matches.get(layer, [])
+        if match.rule.component in entry.options.components
+        and (not match.rule.is_bias or BIASES in entry.options.components)
+    ]
     _check_layer_complete(entry, layer, checkpoint, matches.get(layer, []), problems)
     if prepared is None:
         return []
@@ -223,23 +249,42 @@ def _layer_edits(
                 continue
             effective, gain_label = gained
         writer = match.rule.role is Role.WRITER
-        edits.append(TensorEdit(match.name, match.rule.component, match.rule.role, match.rule.residual_axis, layer,
-                                entry.path, label, gain_label, plan.effective_scale(entry),
-                                entry.options.norm_preserve and writer, effective))
+        edits.append(
+            TensorEdit(
+                match.name,
+                match.rule.component,
+                match.rule.role,
+                match.rule.residual_axis,
+                layer,
+                entry.path,
+                label,
+                gain_label,
+                plan.effective_scale(entry),
+                entry.options.norm_preserve and writer,
+                effective,
+            )
+        )
     return edits
 
 
 def _is_editable(entry: PlanEntry, name: str, checkpoint: Checkpoint, problems: list[str]) -> bool:
     dtype = checkpoint.tensors[name].dtype
     if dtype not in FLOATING_DTYPES:
-        problems.append(f"{entry.path}: {name} is stored as {dtype}; only floating-point tensors "
-                        f"({', '.join(sorted(FLOATING_DTYPES))}) can be edited (dequantise the checkpoint first)")
+        problems.append(
+            f"{entry.path}: {name} is stored as {dtype}; only floating-point tensors "
+            f"({', '.join(sorted(FLOATING_DTYPES))}) can be edited (dequantise the checkpoint first)"
+        )
         return False
     return True
 
 
 def _through_gain(
-    entry: PlanEntry, layer: int, gain: Gain, direction: torch.Tensor, checkpoint: Checkpoint, problems: list[str]
+    entry: PlanEntry,
+    layer: int,
+    gain: Gain,
+    direction: torch.Tensor,
+    checkpoint: Checkpoint,
+    problems: list[str],
 ) -> tuple[torch.Tensor, str] | None:
     norm_name = f"{checkpoint.layout.model_prefix}layers.{layer}.{gain.norm}"
     if norm_name not in checkpoint.tensors:
@@ -255,7 +300,10 @@ def _through_gain(
 
 
 def _check_layer_complete(
-    entry: PlanEntry, layer: int, checkpoint: Checkpoint, layer_matches: list[TensorMatch],
+    entry: PlanEntry,
+    layer: int,
+    checkpoint: Checkpoint,
+    layer_matches: list[TensorMatch],
     problems: list[str],
 ) -> None:
     """A planned layer must have every tensor its family promises; otherwise the names are not understood."""
@@ -263,22 +311,41 @@ def _check_layer_complete(
     weights = [match for match in layer_matches if not match.rule.is_bias]
     found = {match.rule.component for match in weights}
     experts = [match for match in weights if match.rule.is_expert]
-    required = [component for component in (ATTENTION_OUTPUT, MLP_OUTPUT) if component in entry.options.components]
+    required = [
+        component for component in (ATTENTION_OUTPUT, MLP_OUTPUT) if component in entry.options.components
+    ]
     if experts:
-        required += [component for component, needed in ((ROUTER, True), (SHARED_EXPERT_OUTPUT, family.shared_expert_in_moe_layers))
-                     if needed and component in entry.options.components]
+        required += [
+            component
+            for component, needed in (
+                (ROUTER, True),
+                (SHARED_EXPERT_OUTPUT, family.shared_expert_in_moe_layers),
+            )
+            if needed and component in entry.options.components
+        ]
         expected_experts = checkpoint.text_config.get(family.expert_count_key or "")
         counted = _expert_count(experts, checkpoint)
         if isinstance(expected_experts, int) and counted != expected_experts:
-            problems.append(f"{entry.path}: layer {layer} has {counted} experts' output tensors, "
-                            f"config.json says {family.expert_count_key} = {expected_experts}")
+            problems.append(
+                f"{entry.path}: layer {layer} has {counted} experts' output tensors, "
+                f"config.json says {family.expert_count_key} = {expected_experts}"
+            )
     prefix = f"{checkpoint.layout.model_prefix}layers.{layer}."
     for component in required:
         if component not in found:
-            examples = ", ".join(sorted({rule.suffix.replace("\\", "") for rule in family.rules
-                                         if rule.component == component and not rule.is_bias}))
-            problems.append(f"{entry.path}: layer {layer} has no {component} tensor; expected names under "
-                            f"{prefix} like {examples} (model_type {checkpoint.model_type})")
+            examples = ", ".join(
+                sorted(
+                    {
+                        rule.suffix.replace("\\", "")
+                        for rule in family.rules
+                        if rule.component == component and not rule.is_bias
+                    }
+                )
+            )
+            problems.append(
+                f"{entry.path}: layer {layer} has no {component} tensor; expected names under "
+                f"{prefix} like {examples} (model_type {checkpoint.model_type})"
+            )
 
 
 def _expert_count(experts: list[TensorMatch], checkpoint: Checkpoint) -> int:
@@ -302,5 +369,16 @@ def _embedding_edit(
     if prepared is None:
         return None
     direction, label = prepared
-    return TensorEdit(name, "embeddings", Role.WRITER, RESIDUAL_LAST, None, entry.path, label, None,
-                      plan.effective_scale(entry), entry.options.norm_preserve, direction)
+    return TensorEdit(
+        name,
+        "embeddings",
+        Role.WRITER,
+        RESIDUAL_LAST,
+        None,
+        entry.path,
+        label,
+        None,
+        plan.effective_scale(entry),
+        entry.options.norm_preserve,
+        direction,
+    )

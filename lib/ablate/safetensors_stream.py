@@ -13,6 +13,7 @@ Reading parses the header only, and checks it as strictly as the reference imple
 turn, so no shard is ever held in memory; the writes run in a background thread (`BackgroundWriter`)
 so that the disk works while the next tensor is being edited.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,10 +23,10 @@ import math
 import os
 import struct
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -46,9 +47,26 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-ELEMENT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "U16": 2,
-                 "U32": 4, "U64": 8, "C64": 8}
+ELEMENT_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
 FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 _HEADER_LENGTH_BYTES = 8
@@ -129,16 +147,22 @@ def _stored_tensor(path: Path, name: str, entry: object, data_start: int) -> Sto
         raise UserError(f"{path}: tensor {name} has dtype {dtype!r}; known: {', '.join(ELEMENT_SIZES)}")
     if not isinstance(shape, list) or not all(map(_is_count, shape)):
         raise UserError(f"{path}: tensor {name} has shape {shape!r}; a shape is a list of sizes >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))) \
-            or offsets[0] > offsets[1]:
-        raise UserError(f"{path}: tensor {name} has data_offsets {offsets!r}; expected [begin, end] with "
-                        "0 <= begin <= end")
+    if (
+        not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)))
+        or offsets[0] > offsets[1]
+    ):
+        raise UserError(
+            f"{path}: tensor {name} has data_offsets {offsets!r}; expected [begin, end] with "
+            "0 <= begin <= end"
+        )
     begin, end = offsets
     expected_bytes = math.prod(shape) * ELEMENT_SIZES[dtype]
     if end - begin != expected_bytes:
-        raise UserError(f"{path}: tensor {name} is {dtype} of shape {shape}, which takes {expected_bytes} "
-                        f"bytes, but its data_offsets [{begin}, {end}] hold {end - begin}; "
-                        "the header is corrupt")
+        raise UserError(
+            f"{path}: tensor {name} is {dtype} of shape {shape}, which takes {expected_bytes} "
+            f"bytes, but its data_offsets [{begin}, {end}] hold {end - begin}; "
+            "the header is corrupt"
+        )
     return StoredTensor(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -150,21 +174,29 @@ def _check_data_tiled(path: Path, tensors: list[StoredTensor], data_start: int, 
     """
     for previous, tensor in itertools.pairwise(tensors):
         if tensor.begin < previous.end:
-            raise UserError(f"{path}: tensor {tensor.name} overlaps tensor {previous.name} in the file "
-                            f"(data_offsets {_offsets(tensor, data_start)} and "
-                            f"{_offsets(previous, data_start)}); the header is corrupt")
+            raise UserError(
+                f"{path}: tensor {tensor.name} overlaps tensor {previous.name} in the file "
+                f"(data_offsets {_offsets(tensor, data_start)} and "
+                f"{_offsets(previous, data_start)}); the header is corrupt"
+            )
     position = data_start
     for tensor in tensors:
         if tensor.begin > position:
-            raise UserError(f"{path}: {tensor.begin - position} bytes before tensor {tensor.name} belong to "
-                            f"no tensor (data_offsets {_offsets(tensor, data_start)}); the header is corrupt")
+            raise UserError(
+                f"{path}: {tensor.begin - position} bytes before tensor {tensor.name} belong to "
+                f"no tensor (data_offsets {_offsets(tensor, data_start)}); the header is corrupt"
+            )
         position = tensor.end
     if position > file_size:
-        raise UserError(f"{path}: tensor {tensors[-1].name} ends {position - file_size} bytes after the end "
-                        "of the file (truncated file?)")
+        raise UserError(
+            f"{path}: tensor {tensors[-1].name} ends {position - file_size} bytes after the end "
+            "of the file (truncated file?)"
+        )
     if position < file_size:
-        raise UserError(f"{path}: the last {file_size - position} bytes of the file belong to no tensor; "
-                        "the header is corrupt")
+        raise UserError(
+            f"{path}: the last {file_size - position} bytes of the file belong to no tensor; "
+            "the header is corrupt"
+        )
 
 
 def _offsets(tensor: StoredTensor, data_start: int) -> list[int]:
@@ -194,7 +226,9 @@ def read_tensor(stored: StoredTensor) -> torch.Tensor:
     on top of the private copy that editing in place makes, doubling the cost of every edited tensor.
     """
     if stored.dtype not in DTYPES:
-        raise UserError(f"{stored.path}: tensor {stored.name} has dtype {stored.dtype}, which cannot be loaded here")
+        raise UserError(
+            f"{stored.path}: tensor {stored.name} has dtype {stored.dtype}, which cannot be loaded here"
+        )
     buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
     view = memoryview(buffer.numpy())
     with open(stored.path, "rb", buffering=0) as handle:
@@ -222,7 +256,11 @@ def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | Non
         header["__metadata__"] = metadata
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % _HEADER_ALIGNMENT)
@@ -326,6 +364,7 @@ class BackgroundWriter:
 
     def sync_and_close(self, descriptor: int) -> None:
         """Called from the writer thread once a file is complete."""
+
         def durable() -> None:
             os.fsync(descriptor)
             os.close(descriptor)
@@ -357,12 +396,15 @@ class QueuedFile:
 
     def _finish(self) -> None:
         if self._sink.bytes_written != self._expected_bytes:
-            raise RuntimeError(f"{self._path}: wrote {self._sink.bytes_written} bytes, the header announces {self._expected_bytes}")
+            raise RuntimeError(
+                f"{self._path}: wrote {self._sink.bytes_written} bytes, the header announces {self._expected_bytes}"
+            )
         self._writer.sync_and_close(self._sink.descriptor)
 
 
-def queue_shard(writer: BackgroundWriter, path: Path, entries: Sequence[HeaderEntry],
-                metadata: dict[str, str] | None) -> QueuedFile:
+def queue_shard(
+    writer: BackgroundWriter, path: Path, entries: Sequence[HeaderEntry], metadata: dict[str, str] | None
+) -> QueuedFile:
     """Start a shard: its header is queued; the caller then queues each tensor in header order and closes it."""
     header = encode_header(entries, metadata)
     shard = QueuedFile(writer, path, len(header) + sum(entry.nbytes for entry in entries))

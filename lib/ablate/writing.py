@@ -7,15 +7,18 @@ the kernel, edited ones are loaded alone, projected in place and written out. An
 that was tied to the output head gets an untouched `lm_head` copy beside it, and MXFP4 expert
 tensors are written dequantised (bfloat16, lossless).
 """
+
 from __future__ import annotations
+
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
 import torch
+
 from lib.ablate.checkpoint import Checkpoint, LogicalTensor, Shard, load_tensor
-from lib.core.model_files import INDEX_NAME
 from lib.ablate.projection import project_out
 from lib.ablate.resolution import Resolution, TensorEdit
 from lib.ablate.safetensors_stream import (
@@ -27,6 +30,7 @@ from lib.ablate.safetensors_stream import (
     queue_file_copy,
     queue_shard,
 )
+from lib.core.model_files import INDEX_NAME
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,18 @@ class OutputShard:
     @property
     def is_unchanged(self) -> bool:
         """Byte-identical to the input file: copy or link it whole."""
-        return (all(tensor.is_byte_copy for tensor in self.tensors)
-                and {tensor.name for tensor in self.tensors} == self.input.stored_names)
+        return (
+            all(tensor.is_byte_copy for tensor in self.tensors)
+            and {tensor.name for tensor in self.tensors} == self.input.stored_names
+        )
 
     @property
     def nbytes(self) -> int:
         if self.is_unchanged:
             return self.input.path.stat().st_size
-        return len(encode_header([tensor.header_entry for tensor in self.tensors], self.input.metadata)) + sum(
-            tensor.source.nbytes for tensor in self.tensors)
+        return len(
+            encode_header([tensor.header_entry for tensor in self.tensors], self.input.metadata)
+        ) + sum(tensor.source.nbytes for tensor in self.tensors)
 
 
 def plan_output(checkpoint: Checkpoint, resolution: Resolution) -> list[OutputShard]:
@@ -83,7 +90,11 @@ def plan_output(checkpoint: Checkpoint, resolution: Resolution) -> list[OutputSh
 
 
 def write_weights(
-    shards: list[OutputShard], directory: Path, link: bool, device: torch.device, on_bytes: Callable[[int], None]
+    shards: list[OutputShard],
+    directory: Path,
+    link: bool,
+    device: torch.device,
+    on_bytes: Callable[[int], None],
 ) -> None:
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -97,7 +108,11 @@ def write_weights(
 
 
 def _write_shards(
-    shards: list[OutputShard], directory: Path, link: bool, device: torch.device, on_bytes: Callable[[int], None]
+    shards: list[OutputShard],
+    directory: Path,
+    link: bool,
+    device: torch.device,
+    on_bytes: Callable[[int], None],
 ) -> None:
     with BackgroundWriter(on_bytes) as writer:
         for shard in shards:
@@ -111,8 +126,12 @@ def _write_shards(
                 _write_edited_shard(writer, shard, target, device)
 
 
-def _write_edited_shard(writer: BackgroundWriter, shard: OutputShard, target: Path, device: torch.device) -> None:
-    queued = queue_shard(writer, target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata)
+def _write_edited_shard(
+    writer: BackgroundWriter, shard: OutputShard, target: Path, device: torch.device
+) -> None:
+    queued = queue_shard(
+        writer, target, [tensor.header_entry for tensor in shard.tensors], shard.input.metadata
+    )
     for tensor in shard.tensors:
         if tensor.is_byte_copy:
             queued.copy_range(tensor.source.path, tensor.source.begin, tensor.source.nbytes)
@@ -130,6 +149,8 @@ def write_index(checkpoint: Checkpoint, shards: list[OutputShard], directory: Pa
         return
     weight_map = {tensor.name: shard.file_name for shard in shards for tensor in shard.tensors}
     total = sum(tensor.source.nbytes for shard in shards for tensor in shard.tensors)
-    index = {"metadata": {**checkpoint.index_metadata, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {**checkpoint.index_metadata, "total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-

@@ -21,10 +21,10 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from lib.core.atomic import atomic_file
 from lib.ablate.plan import format_layers
 from lib.analyze.plan_suggestion import ALIGNMENT_THRESHOLD, PlanSuggestion, best_layers
 from lib.analyze.signal_metrics import SignalReport
+from lib.core.atomic import atomic_file
 
 FIGURE_INCHES = (16.0, 17.0)
 DOTS_PER_INCH = 100

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib.core.atomic import atomic_file, check_writable_destination
-from lib.core.errors import UserError
-from lib.measure.measurements import Measurements
-from lib.core.model_files import text_config_of
 from lib.ablate.plan import format_layers, merge_layer_ranges
 from lib.analyze.signal_metrics import SignalReport
+from lib.core.atomic import atomic_file, check_writable_destination
+from lib.core.errors import UserError
+from lib.core.model_files import text_config_of
+from lib.measure.measurements import Measurements
 
 # Arditi et al. (2024, "Refusal in language models is mediated by a single direction") discard
 # candidate directions from the last 20% of the layers: there they mostly encode the output tokens.
@@ -116,7 +116,9 @@ def suggest_plan(report: SignalReport, num_layers: int) -> PlanSuggestion | None
 def check_model_matches(config: dict[str, Any], measurements: Measurements, model: str) -> None:
     """The plan's model must be the measured one: same decoder layer count and hidden size."""
     text_config = text_config_of(config)
-    mismatches = measurements.model_mismatches(text_config.get("num_hidden_layers"), text_config.get("hidden_size"))
+    mismatches = measurements.model_mismatches(
+        text_config.get("num_hidden_layers"), text_config.get("hidden_size")
+    )
     if mismatches:
         key, (actual, measured) = next(iter(mismatches.items()))  # the layer count first
         raise UserError(

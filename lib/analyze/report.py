@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from lib.measure.measurements import Measurements
 from lib.ablate.plan import format_layers
 from lib.analyze.plan_suggestion import UNVERIFIED_NOTE, PlanSuggestion, best_layers
 from lib.analyze.signal_metrics import LayerSignal, SignalReport
+from lib.measure.measurements import Measurements
 
 
 def _general(value: float | None) -> str:
@@ -99,6 +99,8 @@ def report_data(
         "layers": [
             {**dataclasses.asdict(signal), "rank": ranks.get(signal.index)} for signal in report.layers
         ],
-        "direction_cosines": [[report.direction_cosine(row, column) for column in indices] for row in indices],
+        "direction_cosines": [
+            [report.direction_cosine(row, column) for column in indices] for row in indices
+        ],
         "suggestion": _suggestion_data(suggestion),
     }

@@ -9,6 +9,7 @@ aside to `.NAME.<pid>.<token>.replaced` (same pid and token), renames the new on
 then deletes the old one. The names are strict so that `recover_interrupted` can tell the leftovers
 of this NAME's killed runs from those of any other output and from a run still going.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,9 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lib.core.errors import UserError, writing
 
@@ -56,8 +57,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     with writing(path):
-        handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                                  dir=path.absolute().parent)
+        handle, temporary_name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent
+        )
     os.close(handle)
     temporary = Path(temporary_name)
     try:
@@ -200,26 +202,35 @@ def recover_interrupted(path: Path) -> list[str]:
         if not leftover.path.exists():
             continue  # renamed into place above
         shutil.rmtree(leftover.path, ignore_errors=True)
-        why = ("left by an interrupted run" if leftover.kind == _STAGING
-               else "the previous output, already replaced when its run was interrupted")
+        why = (
+            "left by an interrupted run"
+            if leftover.kind == _STAGING
+            else "the previous output, already replaced when its run was interrupted"
+        )
         actions.append(f"removed {leftover.path}, {why}")
     return actions
 
 
 def _put_an_output_back(path: Path, dead: list[_Leftover]) -> list[str]:
     """`path` is missing: a replacement was killed between its renames if a retired directory is there."""
-    staged = {(leftover.process_id, leftover.token): leftover for leftover in dead if leftover.kind == _STAGING}
+    staged = {
+        (leftover.process_id, leftover.token): leftover for leftover in dead if leftover.kind == _STAGING
+    }
     for retired in (leftover for leftover in dead if leftover.kind == _RETIRED):
         new = staged.get((retired.process_id, retired.token))
         if new is not None:
             os.rename(new.path, path)
             _sync(path.absolute().parent)
-            return [f"finished the replacement an interrupted run began: moved its complete new output "
-                    f"{new.path.name} to {path}"]
+            return [
+                f"finished the replacement an interrupted run began: moved its complete new output "
+                f"{new.path.name} to {path}"
+            ]
         os.rename(retired.path, path)
         _sync(path.absolute().parent)
-        return [f"restored the previous output {path} from {retired.path.name}, "
-                "where an interrupted replacement had moved it"]
+        return [
+            f"restored the previous output {path} from {retired.path.name}, "
+            "where an interrupted replacement had moved it"
+        ]
     return []
 
 
@@ -241,9 +252,11 @@ def check_free_space(output: Path, needed_bytes: int, flag: str = "output") -> N
     free = shutil.disk_usage(parent).free
     if needed_bytes + _FREE_SPACE_MARGIN_BYTES > free:
         margin = _readable_size(_FREE_SPACE_MARGIN_BYTES)
-        raise UserError(f"{flag} {output}: needs {_readable_size(needed_bytes)} plus a {margin} safety margin "
-                        f"but only {_readable_size(free)} is free on the filesystem of {parent}; "
-                        "free some space or choose another output")
+        raise UserError(
+            f"{flag} {output}: needs {_readable_size(needed_bytes)} plus a {margin} safety margin "
+            f"but only {_readable_size(free)} is free on the filesystem of {parent}; "
+            "free some space or choose another output"
+        )
 
 
 def _readable_size(count: int) -> str:

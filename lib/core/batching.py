@@ -90,7 +90,11 @@ class BatchSizer:
 
     @classmethod
     def for_prompts(
-        cls, requested: int, model: PreTrainedModel, token_id_lists: Sequence[Sequence[int]], added_tokens: int = 0
+        cls,
+        requested: int,
+        model: PreTrainedModel,
+        token_id_lists: Sequence[Sequence[int]],
+        added_tokens: int = 0,
     ) -> BatchSizer:
         """The sizer for these prompts, each growing by `added_tokens` (a reply's) while it runs."""
         longest = max(len(token_ids) for token_ids in token_id_lists) + added_tokens

@@ -23,6 +23,7 @@ from lib.core.cli_options import (  # noqa: F401
 )
 from lib.core.errors import UserError
 
+
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

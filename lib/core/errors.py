@@ -1,12 +1,14 @@
 """User-facing errors: one clear line on stderr and exit status 2, never a traceback."""
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Sequence
+from typing import NoReturn
 
 USAGE_ERROR_STATUS = 2
 # Exit status after a closed pipe on stdout (`script | head`), as in Python's documentation on SIGPIPE.
@@ -38,7 +40,9 @@ def writing(path: Path) -> Iterator[None]:
         raise
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> NoReturn:
     """Run an entry script's `main`: a UserError or a full disk becomes `error: ...` and exit status 2,
     a reader that closed stdout early (`script | head`) ends the run quietly."""
     try:
@@ -64,8 +68,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 def _disk_full_message(error: OSError) -> str:
     """`FILE: no space left on device while writing; ...` (or `disk quota exceeded`)."""
     where = f"{error.filename}: " if error.filename else ""
-    return (f"{where}{os.strerror(error.errno).lower()} while writing; "
-            "free some space or write elsewhere, then run again")
+    return (
+        f"{where}{os.strerror(error.errno).lower()} while writing; "
+        "free some space or write elsewhere, then run again"
+    )
 
 
 def _discard_standard_output() -> None:

@@ -14,8 +14,9 @@ pass (the whole prompt), not from a second pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -90,7 +91,7 @@ class FirstForwardLogits:
         self.logits: torch.Tensor | None = None
         self.handle: Any = None
 
-    def __enter__(self) -> "FirstForwardLogits":
+    def __enter__(self) -> FirstForwardLogits:
         self.handle = self.model.register_forward_hook(self._keep_first)
         return self
 
@@ -192,8 +193,9 @@ def generate_replies(
     total_steps = count * settings.max_new_tokens
     with (
         torch.inference_mode(),
-        tqdm(total=total_steps, desc=description, unit="token", dynamic_ncols=True,
-             disable=not show_progress) as progress,
+        tqdm(
+            total=total_steps, desc=description, unit="token", dynamic_ncols=True, disable=not show_progress
+        ) as progress,
     ):
         steps = StepProgress(progress, settings.max_new_tokens)
 
@@ -208,7 +210,12 @@ def generate_replies(
             return sequences[:, batch.input_ids.shape[1] :].cpu(), first
 
         for indices, (new_tokens, first) in run_in_batches(
-            token_id_lists, sizer, run_batch, device, starting=starting, abandoned=lambda indices: steps.withdraw()
+            token_id_lists,
+            sizer,
+            run_batch,
+            device,
+            starting=starting,
+            abandoned=lambda indices: steps.withdraw(),
         ):
             for row, index in enumerate(indices):
                 replies[index] = reply_text(tokenizer, new_tokens[row].tolist(), end_ids)

@@ -41,6 +41,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
 )
 
+from lib.ablate.safetensors_stream import read_header
+
 # The flags are defined without torch (parsers build before it loads); re-exported from here.
 from lib.core.cli_options import (  # noqa: F401
     DEVICE_MAPS,
@@ -56,7 +58,6 @@ from lib.core.model_files import (
     read_config,
     weight_files,
 )
-from lib.ablate.safetensors_stream import read_header
 
 # The `--dtype` choices as torch dtypes; "auto" (None): the checkpoint's own dtype (config.json),
 # float32 when it names none.
@@ -96,7 +97,7 @@ class ModelLoadOptions:
     quantization_flag: str = "--quant"  # the flag name used in messages
 
     @classmethod
-    def from_arguments(cls, arguments: argparse.Namespace) -> "ModelLoadOptions":
+    def from_arguments(cls, arguments: argparse.Namespace) -> ModelLoadOptions:
         return cls(
             dtype=arguments.dtype,
             device_map=arguments.device_map,
@@ -104,8 +105,6 @@ class ModelLoadOptions:
             flash_attention=arguments.flash_attn,
             quantization_flag=arguments.quantization_flag,
         )
-
-
 
 
 def load_tokenizer(model_directory: Path, label: str) -> PreTrainedTokenizerBase:

@@ -2,6 +2,7 @@
 
 Nothing here touches the network: a hub id that is not cached is an error, not a download.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,17 @@ def resolve_model_directory(name_or_path: str | Path, flag: str = "--model") -> 
         return candidate
     if candidate.exists():
         raise UserError(f"{flag} {name_or_path}: is a file, expected a model directory or a cached hub id")
-    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~"))
+    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith(
+        (".", "/", "~")
+    )
     if not looks_like_hub_id:
         raise UserError(f"{flag} {name_or_path}: model directory not found")
     try:
         # HF_HUB_CACHE is read at call time (huggingface_hub reads it once at import).
         cache_directory = os.environ.get("HF_HUB_CACHE") or None
-        snapshot = Path(snapshot_download(str(name_or_path), local_files_only=True, cache_dir=cache_directory))
+        snapshot = Path(
+            snapshot_download(str(name_or_path), local_files_only=True, cache_dir=cache_directory)
+        )
     except (LocalEntryNotFoundError, HFValidationError, OSError):
         raise UserError(
             f"{flag} {name_or_path}: neither a local directory nor a hub id in the local cache "
@@ -97,7 +102,9 @@ def weight_files(model_directory: Path) -> list[Path]:
     single = model_directory / SINGLE_FILE_NAME
     if single.is_file():
         return [single]
-    raise UserError(f"{model_directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)")
+    raise UserError(
+        f"{model_directory}: no {INDEX_NAME} or {SINGLE_FILE_NAME} (only safetensors checkpoints are supported)"
+    )
 
 
 def checkpoint_bytes(model_directory: Path) -> int:

@@ -15,8 +15,9 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lib.core.errors import UserError
 
@@ -185,5 +186,7 @@ def is_held_back_for_search(prompt: str) -> bool:
 def split_for_search(prompts: list[str]) -> tuple[list[str], list[str]]:
     """(prompts to measure on, prompts held back for search.py), each in file order."""
     held_back = [is_held_back_for_search(prompt) for prompt in prompts]
-    return ([prompt for prompt, back in zip(prompts, held_back) if not back],
-            [prompt for prompt, back in zip(prompts, held_back) if back])
+    return (
+        [prompt for prompt, back in zip(prompts, held_back) if not back],
+        [prompt for prompt, back in zip(prompts, held_back) if back],
+    )

@@ -39,7 +39,7 @@ class DivergenceSummary:
     per_prompt: list[float]
 
     @classmethod
-    def of(cls, per_prompt: torch.Tensor) -> "DivergenceSummary":
+    def of(cls, per_prompt: torch.Tensor) -> DivergenceSummary:
         values = per_prompt.to(torch.float64)
         return cls(
             mean=float(values.mean()),

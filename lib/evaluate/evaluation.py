@@ -15,26 +15,27 @@ rates only when both models' replies are decoded the same way.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib import __version__
+from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
+from lib.ablate.resolution import Resolution
 from lib.core.atomic import atomic_file
 from lib.core.batching import release_cached_memory
-from lib.evaluate.divergence import DivergenceSummary, kl_divergence
 from lib.core.errors import UserError
 from lib.core.generation import DecodingSettings, generate_replies
-from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
 from lib.core.loading import ModelLoadOptions, load_config, load_model, quantization_description, text_config
 from lib.core.prompts import file_sha256
+from lib.evaluate.divergence import DivergenceSummary, kl_divergence
 from lib.evaluate.refusal_markers import RefusalDetector, RefusalVerdict
-from lib.ablate.resolution import Resolution
 from lib.evaluate.tokenizer_comparison import tokenizer_differences
 
 HARMFUL = "harmful"

@@ -12,8 +12,8 @@ from transformers import PreTrainedModel
 
 from lib import __version__
 from lib.core.loading import quantization_description, text_config
-from lib.measure.measurements import LayerMeasurement, Measurements
 from lib.core.prompts import file_sha256
+from lib.measure.measurements import LayerMeasurement, Measurements
 from lib.measure.residual_capture import ResidualStatistics
 
 

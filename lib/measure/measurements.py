@@ -8,6 +8,7 @@ Index convention: L is the residual stream entering decoder layer L (the same as
 `hidden_states[L]`); L = 0 is the embedding output and L = N the last decoder layer's output
 before the final norm.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,9 +60,15 @@ class Measurements:
         Keys `num_hidden_layers` and `hidden_size`, in that order; a size given as None (unknown) is not
         compared.
         """
-        measured = {"num_hidden_layers": (num_layers, self.num_layers), "hidden_size": (hidden_size, self.hidden_size)}
-        return {key: (actual, expected) for key, (actual, expected) in measured.items()
-                if actual is not None and actual != expected}
+        measured = {
+            "num_hidden_layers": (num_layers, self.num_layers),
+            "hidden_size": (hidden_size, self.hidden_size),
+        }
+        return {
+            key: (actual, expected)
+            for key, (actual, expected) in measured.items()
+            if actual is not None and actual != expected
+        }
 
     def layer(self, index: int) -> LayerMeasurement:
         if index not in self.layers:
@@ -135,7 +142,7 @@ def load_measurements(path: Path) -> Measurements:
         raise UserError(f"{path}: not a regular file (expected a .pt measurement file)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - arbitrary bytes make the unpickler raise anything
+    except Exception as error:
         raise UserError(
             f"{path}: not a measurement file "
             f"(expected a torch.save'd dict of plain tensors; {_load_failure(error)})"
@@ -167,8 +174,11 @@ def parse_measurements(raw: Any, path: Path) -> Measurements:
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise UserError(f"{path}: key 'layers' must be a positive integer, got {num_layers!r}")
     layer_indices = sorted(
-        {int(key.rsplit("_", 1)[1]) for key in raw if key.startswith(("refuse_", "refusenorm_", "harmful_"))
-         and key.rsplit("_", 1)[1].isdigit()}
+        {
+            int(key.rsplit("_", 1)[1])
+            for key in raw
+            if key.startswith(("refuse_", "refusenorm_", "harmful_")) and key.rsplit("_", 1)[1].isdigit()
+        }
     )
     if not layer_indices:
         raise UserError(f"{path}: contains no per-layer vectors (keys like 'refuse_0')")

@@ -26,8 +26,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ class LastTokenCapture:
         self.captured: list[torch.Tensor | None] = [None] * (len(layers) + 1)
         self.handles: list[Any] = []
 
-    def __enter__(self) -> "LastTokenCapture":
+    def __enter__(self) -> LastTokenCapture:
         self.handles.append(self.layers[0].register_forward_pre_hook(self._capture_input, with_kwargs=True))
         for index, layer in enumerate(self.layers, start=1):
             self.handles.append(layer.register_forward_hook(functools.partial(self._capture_output, index)))
@@ -187,7 +188,7 @@ class SharedPrefix:
 
 
 def compute_shared_prefix(
-    model: PreTrainedModel, capture: "LastTokenCapture", token_id_lists: Sequence[Sequence[int]]
+    model: PreTrainedModel, capture: LastTokenCapture, token_id_lists: Sequence[Sequence[int]]
 ) -> SharedPrefix | None:
     length = common_prefix_length(token_id_lists)
     if length == 0:
@@ -267,7 +268,9 @@ def measure_last_token_residuals(
         prefix = compute_shared_prefix(model, capture, token_id_lists) if share_prefix else None
 
         def run_batch(indices: list[int]) -> torch.Tensor:
-            forward(**batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device))
+            forward(
+                **batch_inputs([token_id_lists[index] for index in indices], prefix, pad_token_id, device)
+            )
             return capture.take()
 
         for indices, residuals in run_in_batches(

@@ -11,6 +11,7 @@ Optuna minimises two objectives, harmful refusal and KL; the chosen trial is the
 those that meet the refusal target (else the lowest refusal). The first trials are analyze.py's
 suggestion and two variants of it, so the search starts from the free heuristic.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,15 +28,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lib.ablate.architectures import ATTENTION_OUTPUT, BIASES, MLP_OUTPUT, ROUTER, SHARED_EXPERT_OUTPUT
 from lib.ablate.checkpoint import Checkpoint
-from lib.evaluate.divergence import kl_divergence
+from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
+from lib.ablate.plan import PROJECTED_AT_BOTH, PROJECTION_CHOICES, Options, Plan, PlanEntry
+from lib.ablate.resolution import Resolution, resolve
+from lib.analyze.plan_suggestion import PlanSuggestion
 from lib.core.errors import UserError
 from lib.core.generation import DecodingSettings, generate_replies
-from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
-from lib.measure.measurements import Measurements
-from lib.ablate.plan import PROJECTED_AT_BOTH, PROJECTION_CHOICES, Options, Plan, PlanEntry
-from lib.analyze.plan_suggestion import PlanSuggestion
+from lib.evaluate.divergence import kl_divergence
 from lib.evaluate.refusal_markers import RefusalDetector
-from lib.ablate.resolution import Resolution, resolve
+from lib.measure.measurements import Measurements
 
 ALL_COMPONENTS = "all"
 # The component groups a trial may edit, by name: the whole layer, only attention's output, or only
@@ -62,9 +63,15 @@ class TrialPlan:
     components: str  # a key of COMPONENT_GROUPS
 
     def entry(self) -> PlanEntry:
-        options = Options(scale=self.scale, components=COMPONENT_GROUPS[self.components],
-                          projected=self.projected, norm_preserve=self.norm_preserve)
-        return PlanEntry("ablate[0]", (range(self.first_layer, self.last_layer + 1),), self.measurement, options)
+        options = Options(
+            scale=self.scale,
+            components=COMPONENT_GROUPS[self.components],
+            projected=self.projected,
+            norm_preserve=self.norm_preserve,
+        )
+        return PlanEntry(
+            "ablate[0]", (range(self.first_layer, self.last_layer + 1),), self.measurement, options
+        )
 
     def plan(self, source: Path, model: str, measurements: Path, output: Path) -> Plan:
         return Plan(source, model, measurements, output, 1.0, (self.entry(),), None)
@@ -79,8 +86,15 @@ class TrialPlan:
 
 def suggestion_trials(suggestion: PlanSuggestion) -> list[TrialPlan]:
     """analyze.py's suggestion as written, then biprojected, then biprojected and norm-preserving."""
-    written = TrialPlan(suggestion.measurement, suggestion.edited_layers[0], suggestion.edited_layers[-1], 1.0,
-                        PROJECTION_CHOICES[0], False, ALL_COMPONENTS)
+    written = TrialPlan(
+        suggestion.measurement,
+        suggestion.edited_layers[0],
+        suggestion.edited_layers[-1],
+        1.0,
+        PROJECTION_CHOICES[0],
+        False,
+        ALL_COMPONENTS,
+    )
     projected = TrialPlan(**{**written.parameters(), "projected": PROJECTED_AT_BOTH})
     return [written, projected, TrialPlan(**{**projected.parameters(), "norm_preserve": True})]
 
@@ -94,8 +108,11 @@ class SearchSpace:
     @classmethod
     def for_checkpoint(cls, checkpoint: Checkpoint, measurements: range) -> SearchSpace:
         available = {rule.component for rule in checkpoint.family.rules}
-        groups = tuple(name for name, group in COMPONENT_GROUPS.items()
-                       if name == ALL_COMPONENTS or (group & available) - {BIASES, ROUTER})
+        groups = tuple(
+            name
+            for name, group in COMPONENT_GROUPS.items()
+            if name == ALL_COMPONENTS or (group & available) - {BIASES, ROUTER}
+        )
         return cls(checkpoint.num_layers, measurements, groups)
 
     def suggest(self, trial: optuna.Trial) -> TrialPlan:
@@ -148,8 +165,16 @@ class ScoringPrompts:
 class TrialScorer:
     """Scores resolutions on one loaded model; the unedited model's figures are measured first."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, checkpoint: Checkpoint,
-                 prompts: ScoringPrompts, detector: RefusalDetector, reply_tokens: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        checkpoint: Checkpoint,
+        prompts: ScoringPrompts,
+        detector: RefusalDetector,
+        reply_tokens: int,
+        batch_size: int,
+    ) -> None:
         self.model, self.tokenizer, self.prompts, self.detector = model, tokenizer, prompts, detector
         self.decoding = DecodingSettings(max_new_tokens=reply_tokens)
         self.batch_size = batch_size
@@ -181,8 +206,15 @@ class TrialScorer:
         )
 
     def _replies(self, token_ids: list[list[int]], keep_first_token: bool):
-        return generate_replies(self.model, self.tokenizer, token_ids, self.decoding, self.batch_size,
-                                keep_first_token_log_probabilities=keep_first_token, show_progress=False)
+        return generate_replies(
+            self.model,
+            self.tokenizer,
+            token_ids,
+            self.decoding,
+            self.batch_size,
+            keep_first_token_log_probabilities=keep_first_token,
+            show_progress=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -215,8 +247,13 @@ def make_sampler(seed: int, refusal_target: float) -> optuna.samplers.BaseSample
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, group=True,
-                                          constraints_func=refusal_above_target)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=10,
+            multivariate=True,
+            group=True,
+            constraints_func=refusal_above_target,
+        )
 
 
 def run_trials(
@@ -284,8 +321,9 @@ def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def _dominates(first: FrozenTrial, second: FrozenTrial) -> bool:
-    return (all(a <= b for a, b in zip(first.values, second.values))
-            and any(a < b for a, b in zip(first.values, second.values)))
+    return all(a <= b for a, b in zip(first.values, second.values)) and any(
+        a < b for a, b in zip(first.values, second.values)
+    )
 
 
 def trial_plan_of(trial: FrozenTrial) -> TrialPlan:

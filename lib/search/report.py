@@ -1,4 +1,5 @@
 """search.py's outputs: the chosen plan as commented YAML, every trial as JSON, and the refusal-vs-KL chart."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,18 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial
 
 from lib import __version__
-from lib.core.atomic import atomic_file
 from lib.ablate.plan import format_layers
-from lib.search.engine import ALL_COMPONENTS, COMPONENT_GROUPS, HARMFUL_REFUSAL, KL, Score, TrialPlan, score_of, \
-    trial_plan_of
+from lib.core.atomic import atomic_file
+from lib.search.engine import (
+    ALL_COMPONENTS,
+    COMPONENT_GROUPS,
+    HARMFUL_REFUSAL,
+    KL,
+    Score,
+    TrialPlan,
+    score_of,
+    trial_plan_of,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,9 +61,11 @@ def plan_text(outcome: SearchOutcome) -> str:
         f"(unedited: {_rate(outcome.original.harmless_refused, outcome.original.harmless_prompts)})",
         f"  first-token KL from the unedited model, harmless: mean {score.kl_mean:.4g}, median "
         f"{score.kl_median:.4g}, max {score.kl_max:.4g} nats",
-        (f"Chosen as the lowest KL among trials refusing <= {outcome.refusal_target:.1%} of the harmful prompts."
-         if meets else
-         f"No trial refused <= {outcome.refusal_target:.1%} of the harmful prompts: chosen for the lowest refusal."),
+        (
+            f"Chosen as the lowest KL among trials refusing <= {outcome.refusal_target:.1%} of the harmful prompts."
+            if meets
+            else f"No trial refused <= {outcome.refusal_target:.1%} of the harmful prompts: chosen for the lowest refusal."
+        ),
         "Check it on held-out prompts before writing: python evaluate.py --model MODEL --plan THIS_FILE",
         "",
         "Pareto front (no other trial refuses less with a lower KL):",
@@ -150,20 +161,53 @@ def search_figure(outcome: SearchOutcome) -> Figure:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     completed = [trial for trial in outcome.trials if trial.values is not None]
-    axes.scatter([_kl(trial) for trial in completed], [trial.values[HARMFUL_REFUSAL] for trial in completed],
-                 s=18, color="#7f7f7f", alpha=0.7, label="trial")
-    axes.plot([_kl(trial) for trial in outcome.front], [trial.values[HARMFUL_REFUSAL] for trial in outcome.front],
-              "-o", color="#1f77b4", markersize=5, label="Pareto front")
+    axes.scatter(
+        [_kl(trial) for trial in completed],
+        [trial.values[HARMFUL_REFUSAL] for trial in completed],
+        s=18,
+        color="#7f7f7f",
+        alpha=0.7,
+        label="trial",
+    )
+    axes.plot(
+        [_kl(trial) for trial in outcome.front],
+        [trial.values[HARMFUL_REFUSAL] for trial in outcome.front],
+        "-o",
+        color="#1f77b4",
+        markersize=5,
+        label="Pareto front",
+    )
     first = next((trial for trial in completed if trial.number == 0), None)
     if first is not None:
-        axes.scatter([_kl(first)], [first.values[HARMFUL_REFUSAL]], marker="D", s=70, facecolor="none",
-                     edgecolor="#2ca02c", linewidths=2, label="trial 0: analyze.py's suggestion")
-    axes.scatter([_kl(outcome.chosen)], [outcome.chosen.values[HARMFUL_REFUSAL]], marker="*", s=260,
-                 color="#d62728", label=f"chosen: trial {outcome.chosen.number}")
-    axes.axhline(outcome.refusal_target, color="#d62728", linestyle=":", linewidth=1,
-                 label=f"refusal target {outcome.refusal_target:.0%}")
+        axes.scatter(
+            [_kl(first)],
+            [first.values[HARMFUL_REFUSAL]],
+            marker="D",
+            s=70,
+            facecolor="none",
+            edgecolor="#2ca02c",
+            linewidths=2,
+            label="trial 0: analyze.py's suggestion",
+        )
+    axes.scatter(
+        [_kl(outcome.chosen)],
+        [outcome.chosen.values[HARMFUL_REFUSAL]],
+        marker="*",
+        s=260,
+        color="#d62728",
+        label=f"chosen: trial {outcome.chosen.number}",
+    )
+    axes.axhline(
+        outcome.refusal_target,
+        color="#d62728",
+        linestyle=":",
+        linewidth=1,
+        label=f"refusal target {outcome.refusal_target:.0%}",
+    )
     axes.set_xscale("log")
-    axes.set_xlabel(f"mean first-token KL from the unedited model on harmless prompts (nats; 0 drawn at {KL_FLOOR:g})")
+    axes.set_xlabel(
+        f"mean first-token KL from the unedited model on harmless prompts (nats; 0 drawn at {KL_FLOOR:g})"
+    )
     axes.set_ylabel("refusal rate on harmful prompts")
     axes.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
     axes.set_title(f"search.py: {len(completed)} trials on {Path(outcome.model).name}")
