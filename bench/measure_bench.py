@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -196,10 +197,47 @@ def run_approach(approach: str, arguments: argparse.Namespace) -> tuple[dict, di
         "--threads",
         str(arguments.threads),
     ]
+    started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    process_seconds = time.perf_counter() - started
     if completed.returncode != 0:
         sys.exit(f"{approach} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1]), torch.load(means_output)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {**result, "process_seconds": process_seconds}, torch.load(means_output)
+
+
+def run_measure_script(arguments: argparse.Namespace) -> float:
+    """Wall seconds of `python measure.py` itself on the same prompts, start-up and model load included,
+    with as many torch threads as the other runs."""
+    prompts = benchmark_prompts(arguments.harmful, arguments.harmless, arguments.prompts)
+    files = {name: WORK_DIRECTORY / f"prompts-{name}.txt" for name in prompts}
+    for name, path in files.items():
+        path.write_text("\n".join(prompts[name]) + "\n")
+    command = [
+        sys.executable,
+        str(REPOSITORY / "measure.py"),
+        "--model",
+        str(MODEL_DIRECTORY),
+        "--output",
+        str(WORK_DIRECTORY / "measure-script.pt"),
+        "--data-harmful",
+        str(files["harmful"]),
+        "--data-harmless",
+        str(files["harmless"]),
+        "--use-all-prompts",
+        "--batch-size",
+        str(arguments.batch_size),
+        "--device-map",
+        "cpu",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(arguments.threads or torch.get_num_threads())}
+    started = time.perf_counter()
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment, cwd=REPOSITORY
+    )
+    if completed.returncode != 0:
+        sys.exit(f"measure.py failed:\n{completed.stderr[-3000:]}")
+    return time.perf_counter() - started
 
 
 def parameter_count(shard: Path) -> int:
@@ -265,11 +303,14 @@ def main() -> None:
     )
     runs: dict[str, list[dict]] = {approach: [] for approach in APPROACHES}
     means = {}
+    script_seconds = []
     for repeat in range(arguments.repeats):
         for approach in APPROACHES:
             result, means[approach] = run_approach(approach, arguments)
             runs[approach].append(result)
             print(f"  run {repeat + 1} {approach}: {json.dumps(result)}")
+        script_seconds.append(run_measure_script(arguments))
+        print(f"  run {repeat + 1} measure.py (the script, start-up included): {script_seconds[-1]:.2f} s")
     results = {approach: best_run(approach_runs) for approach, approach_runs in runs.items()}
 
     measured, conventional = results["measure"], results["conventional"]
@@ -333,6 +374,12 @@ def main() -> None:
                 f"{measured[key] / conventional[key]:.2f}"
             )
     print(f"largest relative difference of the means at L = 0..N-1 (bf16 batching noise): {agreement:.2e}")
+    conventional_process = min(run["process_seconds"] for run in runs["conventional"])
+    print(
+        f"whole process, start-up and model load included (fastest run): measure.py {min(script_seconds):.2f} s, "
+        f"conventional {conventional_process:.2f} s: {conventional_process / min(script_seconds):.2f}x "
+        f"(bench child for measure {min(run['process_seconds'] for run in runs['measure']):.2f} s)"
+    )
 
 
 if __name__ == "__main__":
