@@ -38,7 +38,7 @@ from demo.check_report import check_targets
 from lib.core.errors import UserError, run_cli
 
 REPOSITORY = Path(__file__).resolve().parent
-SEARCH_TRIALS = 30  # the demo's search budget: a few minutes on 2 CPU cores (docs/demo.md)
+SEARCH_TRIALS = 20  # the demo's search budget: about 2.5 minutes of its 5 on 2 CPU cores (docs/demo.md)
 ARTEFACTS = (
     "measurements.pt",
     "chart.png",
