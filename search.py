@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrialScorer,
         choose,
         completed,
+        family_components,
         finished_count,
         run_trials,
         score_of,
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update()
 
         run_trials(study, space, context, scorer, arguments.trials, deadline, show)
-    return write_outputs(arguments, study, scorer, settings)
+    return write_outputs(arguments, study, scorer, settings, family_components(checkpoint))
 
 
 def check_arguments(arguments: argparse.Namespace) -> None:
@@ -352,7 +353,11 @@ def open_study(arguments: argparse.Namespace, settings: dict, starting_points: l
 
 
 def write_outputs(
-    arguments: argparse.Namespace, study: optuna.Study, scorer: TrialScorer, settings: dict
+    arguments: argparse.Namespace,
+    study: optuna.Study,
+    scorer: TrialScorer,
+    settings: dict,
+    available_components: frozenset[str],
 ) -> int:
     import optuna
 
@@ -378,6 +383,7 @@ def write_outputs(
         chosen,
         arguments.refusal_target,
         settings,
+        available_components,
     )
     write_text(plan_text(outcome), arguments.plan)
     print(f"wrote {arguments.plan}: trial {chosen.number}")

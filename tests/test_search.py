@@ -33,7 +33,7 @@ from lib.search.engine import (
     trial_plan_of,
 )
 from tests.ablate_helpers import run_ablate
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.measurement_files import write_measurements
 from tests.scripts import IN_PROCESS_AND_AS_A_PROCESS, run_script
 
@@ -92,6 +92,29 @@ def test_the_search_finds_the_known_best_plan_of_a_constructed_case(tiny_model, 
     assert choose(completed(study), 0.05).values[0] == 0.0
     front = pareto_front(completed(study))
     assert front[0].values[0] == 0.0 and all(a.values[1] >= b.values[1] for a, b in itertools.pairwise(front))
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_every_component_group_the_space_offers_resolves_on_the_family(
+    tiny_model, tmp_path: Path, model_type
+) -> None:
+    """A group naming components the family lacks (a router on a dense model) would fail every such trial."""
+    source = tiny_model(model_type)
+    write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
+    checkpoint = open_checkpoint(source)
+    context = PlanContext(
+        checkpoint,
+        load_measurements(tmp_path / "m.pt"),
+        str(source),
+        tmp_path / "m.pt",
+        tmp_path / "plan.yml",
+        tmp_path / "out",
+    )
+    space = SearchSpace.for_checkpoint(checkpoint, range(1, 4))
+    assert len(space.component_groups) >= 3  # all, attention output, MLP output
+    for group in space.component_groups:
+        resolution = context.resolution(TrialPlan(2, 0, DEFAULT_NUM_LAYERS - 1, 1.0, "none", False, group))
+        assert resolution.edits
 
 
 def test_choose_prefers_the_lowest_kl_meeting_the_target_else_the_lowest_refusal() -> None:
@@ -153,6 +176,7 @@ def test_the_written_plan_is_the_chosen_trial_and_scores_what_it_recorded(
     assert search.main(search_arguments(shipped_demo_model, measured_demo, tmp_path, "--trials", "8")) == 0
     report = json.loads((tmp_path / "trials.json").read_text())
     assert len(report["trials"]) == 8 and report["trials"][0]["plan"]["projected"] == "none"  # the suggestion
+    assert [trial["state"] for trial in report["trials"]] == ["COMPLETE"] * 8
     chosen = next(trial for trial in report["trials"] if trial["number"] == report["chosen"])
     assert chosen["number"] in report["pareto_front"]
     meeting = [

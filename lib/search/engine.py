@@ -26,7 +26,14 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lib.ablate.architectures import ATTENTION_OUTPUT, BIASES, MLP_OUTPUT, ROUTER, SHARED_EXPERT_OUTPUT
+from lib.ablate.architectures import (
+    ATTENTION_OUTPUT,
+    BIASES,
+    DEFAULT_COMPONENTS,
+    MLP_OUTPUT,
+    ROUTER,
+    SHARED_EXPERT_OUTPUT,
+)
 from lib.ablate.checkpoint import Checkpoint
 from lib.ablate.in_memory_edit import InMemoryEditor, edited_in_memory
 from lib.ablate.plan import PROJECTED_AT_BOTH, PROJECTION_CHOICES, Options, Plan, PlanEntry
@@ -50,6 +57,19 @@ SCALE_RANGE = (0.5, 2.5)
 HARMFUL_REFUSAL, KL = 0, 1  # positions of the objectives in a trial's values
 
 
+def family_components(checkpoint: Checkpoint) -> frozenset[str]:
+    """The components the checkpoint's family has tensors for."""
+    return frozenset(rule.component for rule in checkpoint.family.rules)
+
+
+def selected_components(group: str, available: frozenset[str]) -> frozenset[str]:
+    """A group as a plan's `components`: the plan default for all, else the members the family has
+    (naming a component the family lacks is an error in a plan: it would silently edit nothing)."""
+    if group == ALL_COMPONENTS:
+        return DEFAULT_COMPONENTS
+    return COMPONENT_GROUPS[group] & (available | {BIASES})
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     """One point of the search space: a single plan entry."""
@@ -62,10 +82,11 @@ class TrialPlan:
     norm_preserve: bool
     components: str  # a key of COMPONENT_GROUPS
 
-    def entry(self) -> PlanEntry:
+    def entry(self, available: frozenset[str]) -> PlanEntry:
+        """The plan entry on a family whose tensors belong to the `available` components."""
         options = Options(
             scale=self.scale,
-            components=COMPONENT_GROUPS[self.components],
+            components=selected_components(self.components, available),
             projected=self.projected,
             norm_preserve=self.norm_preserve,
         )
@@ -73,8 +94,10 @@ class TrialPlan:
             "ablate[0]", (range(self.first_layer, self.last_layer + 1),), self.measurement, options
         )
 
-    def plan(self, source: Path, model: str, measurements: Path, output: Path) -> Plan:
-        return Plan(source, model, measurements, output, 1.0, (self.entry(),), None)
+    def plan(
+        self, source: Path, model: str, measurements: Path, output: Path, available: frozenset[str]
+    ) -> Plan:
+        return Plan(source, model, measurements, output, 1.0, (self.entry(available),), None)
 
     @classmethod
     def from_parameters(cls, parameters: dict) -> TrialPlan:
@@ -107,7 +130,7 @@ class SearchSpace:
 
     @classmethod
     def for_checkpoint(cls, checkpoint: Checkpoint, measurements: range) -> SearchSpace:
-        available = {rule.component for rule in checkpoint.family.rules}
+        available = family_components(checkpoint)
         groups = tuple(
             name
             for name, group in COMPONENT_GROUPS.items()
@@ -229,7 +252,13 @@ class PlanContext:
     output: Path
 
     def plan(self, trial_plan: TrialPlan) -> Plan:
-        return trial_plan.plan(self.plan_path, self.model, self.measurements_path, self.output)
+        return trial_plan.plan(
+            self.plan_path,
+            self.model,
+            self.measurements_path,
+            self.output,
+            family_components(self.checkpoint),
+        )
 
     def resolution(self, trial_plan: TrialPlan) -> Resolution:
         return resolve(self.plan(trial_plan), self.checkpoint, self.measurements)

@@ -16,12 +16,12 @@ from lib.ablate.plan import format_layers
 from lib.core.atomic import atomic_file
 from lib.search.engine import (
     ALL_COMPONENTS,
-    COMPONENT_GROUPS,
     HARMFUL_REFUSAL,
     KL,
     Score,
     TrialPlan,
     score_of,
+    selected_components,
     trial_plan_of,
 )
 
@@ -44,6 +44,7 @@ class SearchOutcome:
     chosen: FrozenTrial
     refusal_target: float
     settings: dict[str, Any]
+    available_components: frozenset[str]  # of the model's family: what a component group selects
 
 
 def plan_text(outcome: SearchOutcome) -> str:
@@ -78,12 +79,12 @@ def plan_text(outcome: SearchOutcome) -> str:
         f"measurements: {json.dumps(str(outcome.measurements))}",
         f"output: {json.dumps(str(outcome.output))}",
         "ablate:",
-        *entry_lines(trial_plan),
+        *entry_lines(trial_plan, outcome.available_components),
     ]
     return "\n".join(lines) + "\n"
 
 
-def entry_lines(trial_plan: TrialPlan) -> list[str]:
+def entry_lines(trial_plan: TrialPlan, available: frozenset[str]) -> list[str]:
     """The trial's single plan entry; a comment says what each key does."""
     layers = format_layers(range(trial_plan.first_layer, trial_plan.last_layer + 1))
     lines = [
@@ -95,7 +96,7 @@ def entry_lines(trial_plan: TrialPlan) -> list[str]:
         f"    norm_preserve: {'true' if trial_plan.norm_preserve else 'false'}",
     ]
     if trial_plan.components != ALL_COMPONENTS:
-        listed = ", ".join(sorted(COMPONENT_GROUPS[trial_plan.components]))
+        listed = ", ".join(sorted(selected_components(trial_plan.components, available)))
         lines.append(f"    components: [{listed}]")
     return lines
 
