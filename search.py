@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trials",
         type=positive_integer,
-        default=60,
+        default=50,
         metavar="N",
         help="trials in the study, resumed ones included (default: %(default)s)",
     )

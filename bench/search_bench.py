@@ -98,7 +98,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the demo's)")
-    parser.add_argument("--trials", type=int, default=60, help="trials of the search (default: %(default)s)")
+    parser.add_argument(
+        "--trials", type=int, default=50, help="trials of the search (default: %(default)s, search.py's own)"
+    )
     arguments = parser.parse_args()
     model = arguments.model or refusing_model_directory(default_cache_directory(), ADAPTER_DIRECTORY)
     shutil.rmtree(WORK_DIRECTORY, ignore_errors=True)
