@@ -9,7 +9,9 @@ contender runs as its own process; peak memory is that process's maximum residen
 
 * `cp -r` of the model directory (page cache only, nothing forced to disk);
 * the same copy followed by fsync of every file, the durability sharded_ablate.py provides;
-* interpreter start-up: `python -c "import sharded_ablate"` (torch and the tool's imports);
+* interpreter start-up: the imports a run of sharded_ablate.py makes (torch, safetensors and the
+  tool's modules; since the imports moved after argument parsing, `import sharded_ablate` alone no
+  longer loads them);
 * the whole-shard approach of older tools: `load_file` a shard, edit it, `save_file` it;
 * sharded_ablate.py itself.
 
@@ -154,7 +156,12 @@ def main() -> None:
     contenders = {
         "plain copy (cp -r)": ["cp", "-r", str(model), str(output)],
         "plain copy + fsync": [sys.executable, "-c", DURABLE_COPY_SCRIPT, str(model), str(output)],
-        "interpreter start-up": [sys.executable, "-c", "import sharded_ablate"],
+        "interpreter start-up": [
+            sys.executable,
+            "-c",
+            "import sharded_ablate, torch, tqdm, lib.ablate.writing, lib.ablate.companion_files, "
+            "lib.ablate.record, lib.ablate.output_guard, lib.ablate.resolution, lib.measure.measurements",
+        ],
         "whole-shard (load_file/save_file)": [
             sys.executable,
             "-c",
