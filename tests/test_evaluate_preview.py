@@ -29,7 +29,14 @@ def write_example_plan(source: Path, work: Path) -> Path:
     )
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "gemma2"])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "llama",
+        pytest.param("qwen2_moe", marks=pytest.mark.slow),
+        pytest.param("gemma2", marks=pytest.mark.slow),
+    ],
+)
 def test_the_preview_reports_what_the_written_model_gives(
     model_type: str,
     tiny_model,
