@@ -173,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(ablated),
             "--trials",
             str(SEARCH_TRIALS),
+            "--scoring-prompts",
+            str(SEARCH_SCORING_PROMPTS),
             "--json",
             str(output_dir / "search.json"),
             "--chart",
