@@ -65,18 +65,23 @@ class ConstructedScorer:
         return Score(conditions.count(False), 4, 0, 4, kl, kl, kl, 0.0)
 
 
-def test_the_search_finds_the_known_best_plan_of_a_constructed_case(tiny_model, tmp_path: Path) -> None:
-    source = tiny_model("llama")
+def fixture_context(source: Path, tmp_path: Path) -> PlanContext:
+    """Trials on a fixture model with random measurements, plan and output under tmp_path."""
     write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    checkpoint = open_checkpoint(source)
-    context = PlanContext(
-        checkpoint,
+    return PlanContext(
+        open_checkpoint(source),
         load_measurements(tmp_path / "m.pt"),
         str(source),
         tmp_path / "m.pt",
         tmp_path / "plan.yml",
         tmp_path / "out",
     )
+
+
+def test_the_search_finds_the_known_best_plan_of_a_constructed_case(tiny_model, tmp_path: Path) -> None:
+    source = tiny_model("llama")
+    context = fixture_context(source, tmp_path)
+    checkpoint = context.checkpoint
     space = SearchSpace.for_checkpoint(checkpoint, range(1, 4))
     study = optuna.create_study(
         directions=["minimize", "minimize"], sampler=make_sampler(seed=0, refusal_target=0.05)
@@ -100,16 +105,8 @@ def test_every_component_group_the_space_offers_resolves_on_the_family(
 ) -> None:
     """A group naming components the family lacks (a router on a dense model) would fail every such trial."""
     source = tiny_model(model_type)
-    write_measurements(tmp_path / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS)
-    checkpoint = open_checkpoint(source)
-    context = PlanContext(
-        checkpoint,
-        load_measurements(tmp_path / "m.pt"),
-        str(source),
-        tmp_path / "m.pt",
-        tmp_path / "plan.yml",
-        tmp_path / "out",
-    )
+    context = fixture_context(source, tmp_path)
+    checkpoint = context.checkpoint
     space = SearchSpace.for_checkpoint(checkpoint, range(1, 4))
     assert len(space.component_groups) >= 3  # all, attention output, MLP output
     for group in space.component_groups:
