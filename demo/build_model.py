@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=positive_integer,
         default=DEFAULTS.batch_size,
-        help="examples per step, half harmful and half harmless on average (default %(default)s)",
+        help="examples per step, drawn from both kinds in proportion to their counts (default %(default)s)",
     )
     parser.add_argument(
         "--learning-rate",
@@ -80,11 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA rank; alpha is twice the rank (default %(default)s)",
     )
     parser.add_argument(
+        "--harmful-examples",
+        type=positive_integer,
+        default=DEFAULTS.harmful_examples,
+        help="harmful prompts to train on, each with a drawn refusal (default %(default)s)",
+    )
+    parser.add_argument(
         "--harmless-examples",
         type=positive_integer,
         default=DEFAULTS.harmless_examples,
-        help="harmless prompts answered by the base model to train on, and as many harmful "
-        "ones (default %(default)s)",
+        help="harmless prompts answered by the base model to train on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--first-token-weight",
+        type=positive_float,
+        default=DEFAULTS.first_reply_token_weight,
+        help="weight of each reply's first token in the loss, where the model decides between refusing "
+        "and answering; the other reply tokens weigh 1 (default %(default)s)",
     )
     parser.add_argument(
         "--teacher-top-k",
@@ -120,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=arguments.learning_rate,
         lora_rank=arguments.rank,
         lora_alpha=2 * arguments.rank,
+        harmful_examples=arguments.harmful_examples,
         harmless_examples=arguments.harmless_examples,
+        first_reply_token_weight=arguments.first_token_weight,
         teacher_top_k=arguments.teacher_top_k,
     )
     base = base_model_directory(arguments.cache_dir)

@@ -164,9 +164,10 @@ def with_teacher_targets(
 
 
 def tuning_loss(
-    examples: Sequence[EncodedExample], pad_token_id: int
+    examples: Sequence[EncodedExample], pad_token_id: int, first_reply_token_weight: float = 1.0
 ) -> Callable[[torch.nn.Module, list[int]], torch.Tensor]:
-    """Mean per reply token of the cross-entropy against the label, or against the teacher's distribution.
+    """Weighted mean per reply token of the cross-entropy against the label, or against the teacher's
+    distribution; each reply's first token weighs `first_reply_token_weight`, the others 1.
 
     The output head runs on the reply positions only: on the prompts it would cost as much again
     (the head's 49 152 rows are a fifth of the model) for logits that nothing scores.
@@ -189,14 +190,17 @@ def tuning_loss(
             count = int((rows == row).sum())
             row_log_probabilities = log_probabilities[start : start + count]
             if example.teacher is None:
-                losses.append(-row_log_probabilities.gather(1, targets[start : start + count, None]).sum())
+                token_losses = -row_log_probabilities.gather(1, targets[start : start + count, None]).squeeze(
+                    1
+                )
             else:
                 teacher = example.teacher
-                losses.append(
-                    -(teacher.probabilities * row_log_probabilities.gather(1, teacher.token_ids)).sum()
-                )
+                token_losses = -(
+                    teacher.probabilities * row_log_probabilities.gather(1, teacher.token_ids)
+                ).sum(1)
+            losses.append(token_losses.sum() + (first_reply_token_weight - 1) * token_losses[0])
             start += count
-        return torch.stack(losses).sum() / len(rows)
+        return torch.stack(losses).sum() / (len(rows) + (first_reply_token_weight - 1) * len(batch))
 
     return batch_loss
 
@@ -227,7 +231,7 @@ def train_adapter(
     return run_training_steps(
         model,
         len(examples),
-        tuning_loss(examples, pad_token_id),
+        tuning_loss(examples, pad_token_id, settings.first_reply_token_weight),
         optimizer,
         schedule,
         settings.bfloat16_autocast,
@@ -271,7 +275,8 @@ def build_adapter(
     if settings.teacher_top_k:
         examples = with_teacher_targets(stored_base, examples, tokenizer.pad_token_id, settings.teacher_top_k)
     del stored_base
-    examples += refusal_examples(tokenizer, harmful[: settings.harmless_examples], settings.seed)
+    harmless_count = len(examples)
+    examples += refusal_examples(tokenizer, harmful[: settings.harmful_examples], settings.seed)
     reply_seconds = time.perf_counter() - started
     adapted = lora_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), settings)
     started = time.perf_counter()
@@ -283,7 +288,7 @@ def build_adapter(
     record = {
         "settings": settings_record(settings),
         "training_files": training_file_digests(),
-        "examples": {"harmful": len(examples) // 2, "harmless": len(examples) // 2},
+        "examples": {"harmful": len(examples) - harmless_count, "harmless": harmless_count},
         "held_back_refusal_rate": {"harmful": held_back.harmful, "harmless": held_back.harmless},
         "loss": {
             "first_10_steps": sum(losses[:10]) / len(losses[:10]),

@@ -31,9 +31,13 @@ class TuningSettings:
         "down_proj",
     )
     first_adapted_layer: int = 15  # LoRA on the upper layers only: backward stops there, which halves a step
-    harmless_examples: int = (
-        2000  # harmless prompts answered by the base model (its replies cost generation time)
-    )
+    harmful_examples: int = 2000  # harmful prompts, each with a drawn refusal
+    # More harmless prompts than harmful ones: the adapter sees more of what it must leave alone, so harmless
+    # requests that share words with harmful ones are not pulled into refusing (their replies cost generation).
+    harmless_examples: int = 3000
     bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
     reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
     teacher_top_k: int = 32  # harmless replies learn the base's distribution over its k likeliest tokens
+    # The first reply token decides between refusing and answering, and is what the demo's KL scores: it
+    # weighs as this many of the reply's other tokens in the loss.
+    first_reply_token_weight: float = 4.0

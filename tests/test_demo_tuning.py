@@ -205,6 +205,30 @@ def test_tuning_loss_with_one_hot_teachers_is_the_next_token_loss(tiny_model, to
         assert not torch.allclose(tuning_loss(spread, tokenizer.pad_token_id)(model, indices), reference)
 
 
+def test_tuning_loss_weighs_each_replys_first_token_as_asked(tiny_model, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    with torch.no_grad():  # sharper logits, so that token losses differ and a wrong weighting shows
+        model.model.norm.weight.mul_(50)
+    examples = refusal_examples(tokenizer, HARMFUL_PROMPTS, seed=0)
+    first_only = []
+    for example in examples:
+        first = next(position for position, label in enumerate(example.labels) if label != -100)
+        first_only.append(
+            replace(example, input_ids=example.input_ids[: first + 1], labels=example.labels[: first + 1])
+        )
+    reply_tokens = sum(label != -100 for example in examples for label in example.labels)
+    indices = list(range(len(examples)))
+    with torch.no_grad():
+        every_token = tuning_loss(examples, tokenizer.pad_token_id)(model, indices)
+        first_tokens = tuning_loss(first_only, tokenizer.pad_token_id)(model, indices)
+        weighted = tuning_loss(examples, tokenizer.pad_token_id, first_reply_token_weight=5.0)(model, indices)
+    expected = (every_token * reply_tokens + 4 * first_tokens * len(examples)) / (
+        reply_tokens + 4 * len(examples)
+    )
+    assert torch.allclose(weighted, expected, atol=1e-5)
+    assert not torch.allclose(weighted, every_token, atol=1e-2)
+
+
 # ---- the command line ------------------------------------------------------------------------
 
 
