@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,8 @@ from safetensors import safe_open
 
 import sharded_ablate
 from lib.core.errors import run_cli
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE, SANDWICH_NORM_FAMILIES
+from lib.core.loading import decoder_layers
+from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
 from tests.measurement_files import write_measurements
 
 
@@ -97,40 +97,32 @@ def shard_metadata(directory: Path) -> dict[str, dict | None]:
     return metadata
 
 
-def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The text decoder layers by index, wherever the family keeps them (multimodal wrappers too)."""
-    layers = {}
-    for name, module in model.named_modules():
-        found = re.search(r"layers\.(\d+)$", name)
-        if found and "vision" not in name and hasattr(module, "self_attn"):
-            layers[int(found[1])] = module
-    return layers
-
-
 def residual_writes(
-    model: torch.nn.Module, model_type: str, layers: Sequence[int], input_ids: torch.Tensor
-) -> dict:
-    """Every vector the given layers add to the residual stream: {(layer, 'attention'|'mlp'): [tokens, hidden]}.
+    model: torch.nn.Module, layers: Sequence[int], input_ids: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Everything each given decoder layer adds to the residual stream, per token: {layer: [tokens, hidden]}.
 
-    Gemma's sandwich norms sit between a block and the residual add, so there the write is the
-    post-norm's output; elsewhere it is the attention / MLP block's output.
+    The layer's output minus its input, whatever the family puts in between (sandwich or post norms,
+    parallel blocks, linear attention, shared experts, residual multipliers): what the model really adds.
     """
-    writers = (
-        ("post_attention_layernorm", "post_feedforward_layernorm")
-        if model_type in SANDWICH_NORM_FAMILIES
-        else ("self_attn", "mlp")
-    )
-    captured: dict[tuple[int, str], torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
+    captured: dict[int, torch.Tensor] = {}
     handles = []
     by_index = decoder_layers(model)
+
+    def flat(value: torch.Tensor) -> torch.Tensor:
+        return value.detach().reshape(-1, value.shape[-1]).double()
+
     for layer in layers:
-        for kind, attribute in zip(("attention", "mlp"), writers):
 
-            def hook(module, inputs, output, key=(layer, kind)):
-                value = output[0] if isinstance(output, tuple) else output
-                captured[key] = value.detach().reshape(-1, value.shape[-1]).double()
+        def before(module, args, kwargs, layer=layer):
+            inputs[layer] = flat(args[0] if args else kwargs["hidden_states"])
 
-            handles.append(getattr(by_index[layer], attribute).register_forward_hook(hook))
+        def after(module, args, output, layer=layer):
+            captured[layer] = flat(output[0] if isinstance(output, tuple) else output) - inputs[layer]
+
+        handles.append(by_index[layer].register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(by_index[layer].register_forward_hook(after))
     try:
         with torch.no_grad():
             model(input_ids=input_ids)

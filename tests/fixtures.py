@@ -22,10 +22,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import processors
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedTokenizerFast,
+)
 
 from demo.tokenizer_training import train_byte_level_bpe
-from lib.ablate.architectures import FAMILIES, Role, TensorRule
+from lib.ablate.architectures import FAMILIES, TensorRule
 
 HIDDEN_SIZE = 64
 DEFAULT_NUM_LAYERS = 4
@@ -77,6 +82,30 @@ _DEEPSEEK_SETTINGS: dict[str, Any] = dict(
     n_group=1,
     topk_group=1,
 )
+_SLIDING_AND_FULL = ["sliding_attention", "full_attention"] * (DEFAULT_NUM_LAYERS // 2)
+# Llama 4: MoE (routed + shared expert) in every second layer (1, 3), a dense MLP in the others.
+_LLAMA4_SETTINGS: dict[str, Any] = dict(
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=1,
+    intermediate_size_mlp=HIDDEN_SIZE,
+    interleave_moe_layer_step=2,
+)
+# Qwen3-Next / Qwen3.5: linear attention (Gated DeltaNet) and full attention layers alternate; the
+# linear attention's output projection is square too ([hidden, value heads x value head size]).
+_GATED_DELTANET_SETTINGS: dict[str, Any] = dict(
+    layer_types=["linear_attention", "full_attention"] * (DEFAULT_NUM_LAYERS // 2),
+    linear_num_value_heads=4,
+    linear_value_head_dim=HIDDEN_SIZE // 4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=16,
+)
+_QWEN3_NEXT_SETTINGS: dict[str, Any] = dict(
+    **_GATED_DELTANET_SETTINGS,
+    num_experts=_MOE_EXPERTS,
+    num_experts_per_tok=2,
+    moe_intermediate_size=HIDDEN_SIZE,
+    shared_expert_intermediate_size=HIDDEN_SIZE,
+)
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {},
@@ -105,8 +134,45 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         # batches (an attention mask) fail inside the attention. Weight shapes do not change.
         "num_key_value_heads": 4,
     },
+    "phi3": {},
+    "smollm3": {},
+    "seed_oss": dict(attention_out_bias=True),  # o_proj's bias is a residual writer too
+    "olmo2": {},
+    "exaone4": dict(sliding_window=512, layer_types=_SLIDING_AND_FULL),
+    "cohere2": dict(sliding_window=512, layer_types=_SLIDING_AND_FULL),
+    "llama4_text": _LLAMA4_SETTINGS,
+    "qwen3_next": {**_QWEN3_NEXT_SETTINGS, "mlp_only_layers": [2]},  # layer 2 keeps a dense MLP
+    "qwen3_5_text": _GATED_DELTANET_SETTINGS,
+    "qwen3_5_moe_text": _QWEN3_NEXT_SETTINGS,
+    "glm4_moe": dict(
+        n_routed_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        moe_intermediate_size=HIDDEN_SIZE,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    ),
+    "ernie4_5_moe": dict(
+        moe_num_experts=_MOE_EXPERTS,
+        moe_k=2,
+        moe_intermediate_size=HIDDEN_SIZE,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,  # layer 0 is dense
+    ),
+    "minimax_m2": dict(num_local_experts=_MOE_EXPERTS, num_experts_per_tok=2),
+    # Scalars on the residual writes and the embedding: they change no direction, and must not matter.
+    "granitemoe": dict(
+        num_local_experts=_MOE_EXPERTS,
+        num_experts_per_tok=2,
+        residual_multiplier=0.5,
+        embedding_multiplier=3.0,
+    ),
 }
 
+_QWEN3_5_VISION: dict[str, Any] = dict(
+    depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN_SIZE, patch_size=14
+)
 # Multimodal wrappers: the text model sits under a `language_model` prefix beside a vision tower.
 # Each entry names the text family it wraps and the wrapper's own (tiny) settings.
 MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -127,6 +193,24 @@ MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             eoi_token_index=7,
         ),
     ),
+    "llama4": (
+        "llama4_text",
+        dict(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+                vision_output_dim=32,
+                projector_input_dim=32,
+                projector_output_dim=32,
+            ),
+        ),
+    ),
+    "qwen3_5": ("qwen3_5_text", dict(vision_config=_QWEN3_5_VISION)),
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(vision_config=_QWEN3_5_VISION)),
 }
 
 ALL_FAMILIES = sorted([*FAMILY_CONFIGS, *MULTIMODAL_FAMILIES])
@@ -139,9 +223,7 @@ def families_with(predicate: Callable[[TensorRule], bool]) -> list[str]:
 
 # Mixture-of-experts families: routed experts, and a router reading the residual stream.
 MOE_FAMILIES = families_with(lambda rule: rule.is_expert)
-# Families whose blocks write through a norm's gain (Gemma 2/3 sandwich norms): the residual write is
-# that norm's output, not the block's.
-SANDWICH_NORM_FAMILIES = families_with(lambda rule: rule.role is Role.WRITER and rule.gain is not None)
+
 
 _TOKENIZER_CORPUS = [
     "How do I bake bread at home? Explain the steps of a recipe in detail.",
@@ -204,19 +286,22 @@ def build_fixture(
 
     `single_file=True` writes one `model.safetensors`; otherwise shards of at most
     `max_shard_size` bytes with a `model.safetensors.index.json`. `randomize_norms_and_biases=True`
-    shifts every norm gain by uniform noise in [-0.5, 0.5) and draws every bias at random: fresh
+    shifts every norm gain by uniform noise in [-0.75, 1.25) and draws every bias at random: fresh
     norms are all ones (all zeros under Gemma's `1 + weight`) and fresh biases all zeros, which
     would hide any mistake in how a gain or a bias is handled.
     """
     output_dir = Path(output_dir)
     config = build_config(model_type, num_hidden_layers, **config_overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Wrappers are built (and saved) whole, vision tower included, as released: AutoModelForCausalLM
+    # would build some of them (Qwen3.5, Llama 4) as their text model alone.
+    model_class = AutoModelForImageTextToText if model_type in MULTIMODAL_FAMILIES else AutoModelForCausalLM
+    model = model_class.from_config(config, dtype=dtype)
     if randomize_norms_and_biases:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "norm" in name and parameter.dim() == 1:
-                    parameter.add_(torch.rand_like(parameter) - 0.5)
+                    parameter.add_(torch.rand_like(parameter) * 2.0 - 0.75)
                 elif name.endswith("bias"):
                     parameter.normal_(0.0, 0.2)
     model.generation_config.pad_token_id = build_tokenizer().pad_token_id

@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from lib.core.loading import decoder_layers
 from tests.ablate_helpers import (
     component_ratios,
     read_all_tensors,
@@ -28,15 +29,20 @@ EDITED_LAYERS = "|".join(str(layer) for layer in LAYER_MEASUREMENTS)
 EXPECTED_EDITED = re.compile(
     rf".*layers\.({EDITED_LAYERS})\.("
     r"self_attn\.o_proj\.(weight|bias)"
-    r"|mlp\.down_proj\.weight"
+    r"|linear_attn\.out_proj\.weight"
+    r"|(mlp|feed_forward)\.down_proj\.weight"
     r"|mlp\.(experts\.\d+\.|shared_experts?\.)down_proj\.weight"
+    r"|feed_forward\.shared_expert\.down_proj\.weight"
     r"|block_sparse_moe\.experts\.\d+\.w2\.weight"
-    r"|mlp\.experts\.down_proj(_bias)?"
-    r"|mlp\.router\.weight|mlp\.gate\.weight|block_sparse_moe\.gate\.weight|mlp\.shared_expert_gate\.weight"
+    r"|block_sparse_moe\.output_linear\.weight"
+    r"|(mlp|feed_forward)\.experts\.down_proj(_bias)?"
+    r"|(mlp|feed_forward)\.router\.weight|mlp\.gate\.weight|block_sparse_moe\.gate\.weight"
+    r"|block_sparse_moe\.router\.layer\.weight|mlp\.shared_expert_gate\.weight"
     r")"
 )
 ROUTER = re.compile(
-    r".*layers\.(\d+)\.(mlp\.router|mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight"
+    r".*layers\.(\d+)\.((mlp|feed_forward)\.router|mlp\.gate|block_sparse_moe\.gate|block_sparse_moe\.router\.layer"
+    r"|mlp\.shared_expert_gate)\.weight"
 )
 FAMILIES = ALL_FAMILIES
 
@@ -78,15 +84,15 @@ def test_edited_layers_write_nothing_along_the_direction(ablated, model_type: st
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     edited = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     input_ids = torch.randint(10, 300, (2, 12), generator=torch.Generator().manual_seed(1))
-    before = residual_writes(original, model_type, list(LAYER_MEASUREMENTS), input_ids)
-    after = residual_writes(edited, model_type, list(LAYER_MEASUREMENTS), input_ids)
-    assert set(after) == {(layer, kind) for layer in LAYER_MEASUREMENTS for kind in ("attention", "mlp")}
-    for (layer, kind), writes in after.items():
-        direction = measurements.direction(LAYER_MEASUREMENTS[layer])
-        ratio_after = component_ratios(writes, direction)
-        ratio_before = component_ratios(before[(layer, kind)], direction)
-        assert ratio_after.max() <= 0.01, (layer, kind, float(ratio_after.max()))
-        assert ratio_after.mean() * 10 <= ratio_before.mean(), (layer, kind)
+    before = residual_writes(original, range(DEFAULT_NUM_LAYERS), input_ids)
+    after = residual_writes(edited, range(DEFAULT_NUM_LAYERS), input_ids)
+    assert torch.equal(after[0], before[0])  # layer 0 is not in the plan
+    for layer, measured in LAYER_MEASUREMENTS.items():
+        direction = measurements.direction(measured)
+        ratio_after = component_ratios(after[layer], direction)
+        ratio_before = component_ratios(before[layer], direction)
+        assert ratio_after.max() <= 0.01, (layer, float(ratio_after.max()))
+        assert ratio_after.mean() * 10 <= ratio_before.mean(), layer
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -120,14 +126,15 @@ def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_typ
         if ROUTER.fullmatch(name) and int(ROUTER.fullmatch(name)[1]) in LAYER_MEASUREMENTS
     ]
     assert routers
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float64).eval()
     for name in routers:
         layer = int(ROUTER.fullmatch(name)[1])
-        # The MLP block (and so its router) reads the residual through post_attention_layernorm in these families.
-        gain = after[
-            name.split("mlp.")[0].split("block_sparse_moe.")[0] + "post_attention_layernorm.weight"
-        ].double()
-        direction = measurements.direction(LAYER_MEASUREMENTS[layer]).double()
-        seen = gain * direction
+        # The MLP block, and so its router, reads the residual through the norm called
+        # post_attention_layernorm in these families; transformers' own norm says what the router sees
+        # of the direction (the gain, stored as w or as 1 + w, times the direction).
+        norm = decoder_layers(model)[layer].post_attention_layernorm
+        with torch.no_grad():
+            seen = norm(measurements.direction(LAYER_MEASUREMENTS[layer]).double()[None])[0]
         seen = seen / seen.norm()
         assert (after[name].double() @ seen).abs().max() <= 1e-5 * after[name].double().norm()
         assert (before[name].double() @ seen).abs().max() >= 1e-2 * before[name].double().norm()

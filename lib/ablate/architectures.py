@@ -27,9 +27,11 @@ BIASES = "biases"
 LAYER_COMPONENTS = (ATTENTION_OUTPUT, MLP_OUTPUT, SHARED_EXPERT_OUTPUT, ROUTER, BIASES)
 DEFAULT_COMPONENTS = frozenset(LAYER_COMPONENTS)
 
-# `nn.Linear` weight [hidden, in]: each column is a vector added to the residual stream.
-RESIDUAL_FIRST = 0
-# [..., hidden]: each row lives in residual space (fused GPT-OSS experts, biases, routers, embeddings).
+# `nn.Linear` weight [hidden, in], alone or stacked per expert [experts, hidden, in] (Granite MoE): the
+# residual axis is each matrix's first, and each column is a vector added to the residual stream.
+RESIDUAL_FIRST = -2
+# [..., hidden]: each row lives in residual space (fused GPT-OSS / Llama 4 experts [experts, in, hidden],
+# biases, routers, embeddings).
 RESIDUAL_LAST = -1
 
 
@@ -42,8 +44,8 @@ class Role(str, Enum):
 class Gain:
     """The gain of a norm between a tensor and the residual stream: `offset + weight`.
 
-    `norm` is the norm's tensor name inside the same decoder layer. Gemma stores `weight - 1`
-    (its norms multiply by `1 + weight`), hence the offset.
+    `norm` is the norm's tensor name inside the same decoder layer. Gemma, Qwen3-Next and Qwen3.5
+    store `weight - 1` (their norms multiply by `1 + weight`), hence the offset.
     """
 
     norm: str
@@ -221,6 +223,82 @@ _GPT_OSS = Family(
     packed_expert_tensors=("mlp.experts.down_proj", "mlp.experts.gate_up_proj"),
 )
 
+# Post-norms without an offset (OLMo 2, EXAONE 4): each block's output passes through its own norm
+# before the residual add, and the MLP reads the residual stream with no norm at all.
+_POST_NORM = Family(
+    "post_norm",
+    rules=(
+        *_linear_writer(r"self_attn\.o_proj", ATTENTION_OUTPUT, Gain("post_attention_layernorm.weight")),
+        *_linear_writer(r"mlp\.down_proj", MLP_OUTPUT, Gain("post_feedforward_layernorm.weight")),
+    ),
+)
+
+# Qwen3-Next and Qwen3.5: hybrid layers, either gated full attention (`self_attn.o_proj`) or Gated
+# DeltaNet linear attention (`linear_attn.out_proj`, after its own gated norm inside the block) writes
+# the residual; both are the layer's attention output. Pre-norms stored as `weight - 1`.
+_ZERO_CENTRED_PRE_MLP_NORM = Gain("post_attention_layernorm.weight", offset=1.0)
+_HYBRID_ATTENTION = (*_ATTENTION, *_linear_writer(r"linear_attn\.out_proj", ATTENTION_OUTPUT))
+_QWEN3_5_DENSE = Family("qwen3_5_dense", rules=(*_HYBRID_ATTENTION, *_DENSE_MLP))
+_QWEN3_NEXT = Family(
+    "qwen3_next",
+    rules=(
+        *_HYBRID_ATTENTION,
+        *_DENSE_MLP,  # layers listed in `mlp_only_layers` keep a dense MLP
+        *_PER_EXPERT_DOWN_PROJ,
+        *_linear_writer(r"mlp\.shared_expert\.down_proj", SHARED_EXPERT_OUTPUT),
+        _router(r"mlp\.gate", _ZERO_CENTRED_PRE_MLP_NORM),
+        _router(r"mlp\.shared_expert_gate", _ZERO_CENTRED_PRE_MLP_NORM),
+    ),
+    expert_count_key="num_experts",
+    shared_expert_in_moe_layers=True,
+    loaded_names=(_STACKED_DOWN_PROJ,),
+)
+# The released Qwen3.5 models are vision-language checkpoints (`model.language_model.layers.*`);
+# AutoModelForCausalLM loads their text model alone, as `model.layers.*`.
+_QWEN3_5_LAYOUTS = (Layout("model.language_model.", "lm_head.weight"), Layout("model.", "lm_head.weight"))
+
+# Llama 4: the MLP block is `feed_forward`. MoE layers (every `interleave_moe_layer_step`-th) add a
+# shared expert's output and the routed experts' (fused [experts, intermediate, hidden], no biases;
+# the router's sigmoid scores scale each expert's input); the other layers have a dense MLP.
+_LLAMA4 = Family(
+    "llama4",
+    rules=(
+        *_ATTENTION,
+        *_linear_writer(r"feed_forward\.down_proj", MLP_OUTPUT),
+        TensorRule(
+            r"feed_forward\.experts\.down_proj", MLP_OUTPUT, Role.WRITER, RESIDUAL_LAST, 3, is_expert=True
+        ),
+        *_linear_writer(r"feed_forward\.shared_expert\.down_proj", SHARED_EXPERT_OUTPUT),
+        _router(r"feed_forward\.router", _PRE_MLP_NORM),
+    ),
+    expert_count_key="num_local_experts",
+    shared_expert_in_moe_layers=True,
+)
+
+# Granite MoE: experts fused per layer as `nn.Linear` weights stacked [experts, out, in], so the
+# output projection is [experts, hidden, intermediate]; attention and MoE outputs are scaled by
+# `residual_multiplier` (a scalar: it changes no direction). transformers 5 renames both on load.
+_GRANITE_MOE = Family(
+    "granitemoe",
+    rules=(
+        *_ATTENTION,
+        TensorRule(
+            r"block_sparse_moe\.output_linear\.weight",
+            MLP_OUTPUT,
+            Role.WRITER,
+            RESIDUAL_FIRST,
+            3,
+            is_expert=True,
+        ),
+        _router(r"block_sparse_moe\.router\.layer", _PRE_MLP_NORM),
+    ),
+    expert_count_key="num_local_experts",
+    loaded_names=(
+        LoadedName(r"block_sparse_moe\.output_linear\.weight", "block_sparse_moe.experts.down_proj"),
+        LoadedName(r"block_sparse_moe\.router\.layer\.weight", "block_sparse_moe.router.weight"),
+    ),
+)
+
 _GEMMA3_WRAPPER = replace(
     _GEMMA,
     name="gemma3",
@@ -245,6 +323,41 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
     "gpt_oss": _GPT_OSS,
+    # Dense, Llama's names: Phi-3/Phi-4 fuse their readers (`qkv_proj`, `gate_up_proj`), which the
+    # ablation never edits; Cohere 2 runs attention and MLP in parallel from one input norm and adds
+    # both; SmolLM3 and Seed-OSS (biases on `o_proj` when `attention_out_bias`) are Llama blocks.
+    "phi3": _DENSE,
+    "cohere2": replace(_DENSE, name="cohere2", ties_embeddings_by_default=True),
+    "smollm3": replace(_DENSE, name="smollm3", ties_embeddings_by_default=True),
+    "seed_oss": _DENSE,
+    "olmo2": _POST_NORM,
+    "exaone4": _POST_NORM,
+    "llama4_text": _LLAMA4,
+    "llama4": replace(
+        _LLAMA4,
+        text_config_key="text_config",
+        layouts=(
+            Layout("language_model.model.", "language_model.lm_head.weight"),  # as released and as saved
+            Layout("model.", "lm_head.weight"),  # AutoModelForCausalLM loads the text model alone
+        ),
+    ),
+    "qwen3_next": _QWEN3_NEXT,
+    "qwen3_5_text": replace(_QWEN3_5_DENSE, layouts=tuple(reversed(_QWEN3_5_LAYOUTS))),
+    "qwen3_5_moe_text": replace(_QWEN3_NEXT, name="qwen3_5_moe", layouts=tuple(reversed(_QWEN3_5_LAYOUTS))),
+    "qwen3_5": replace(_QWEN3_5_DENSE, text_config_key="text_config", layouts=_QWEN3_5_LAYOUTS),
+    "qwen3_5_moe": replace(
+        _QWEN3_NEXT, name="qwen3_5_moe", text_config_key="text_config", layouts=_QWEN3_5_LAYOUTS
+    ),
+    # GLM-4.5/4.6 and ERNIE 4.5 are DeepSeek MoE layouts: first dense layers, routed and shared
+    # experts, a router whose score-correction bias (`e_score_correction_bias`, ERNIE's `moe_statics`)
+    # is added after the product with the residual, so it needs no edit.
+    "glm4_moe": replace(_DEEPSEEK, name="glm4_moe"),
+    "ernie4_5_moe": replace(
+        _DEEPSEEK, name="ernie4_5_moe", expert_count_key="moe_num_experts", ties_embeddings_by_default=True
+    ),
+    # MiniMax-M2: Mixtral's names and layout, with a router score-correction bias (as GLM's).
+    "minimax_m2": replace(_MIXTRAL, name="minimax_m2"),
+    "granitemoe": _GRANITE_MOE,
 }
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))

@@ -5,8 +5,8 @@ block is converted to float32 on the compute device, projected and written back 
 own dtype, so the extra memory is one block, whatever the tensor's size.
 
 Two layouts cover every rule (see lib/ablate/architectures.py):
-* residual axis first, `nn.Linear` [hidden, in]: each column v is a vector written to the residual
-  stream; `W' = W - s d (dᵀ W)`.
+* residual axis first, `nn.Linear` [hidden, in] (or such matrices stacked per expert): each column v
+  is a vector written to the residual stream; `W' = W - s d (dᵀ W)`.
 * residual axis last, [..., hidden]: each row v lives in residual space (fused GPT-OSS experts,
   biases, routers, embeddings); `W' = W - s (W d) dᵀ`.
 The norm-preserving variant rescales every such vector back to its original length afterwards.
@@ -85,9 +85,12 @@ def project_out(
     """Remove `scale` times the `direction` component from every residual-space vector of `tensor`, in place."""
     direction = direction.to(device=device, dtype=torch.float32)
     if residual_axis == RESIDUAL_FIRST:
-        if tensor.dim() != 2:
-            raise ValueError(f"a [hidden, in] writer must be 2-D, got shape {tuple(tensor.shape)}")
-        _project_columns(tensor, direction, scale, norm_preserving, device)
+        if tensor.dim() < 2:
+            raise ValueError(
+                f"a [..., hidden, in] writer needs two axes or more, got shape {tuple(tensor.shape)}"
+            )
+        for matrix in tensor.view(-1, *tensor.shape[-2:]):  # one [hidden, in] matrix per expert
+            _project_columns(matrix, direction, scale, norm_preserving, device)
     elif residual_axis == RESIDUAL_LAST:
         _project_rows(tensor.view(-1, tensor.shape[-1]), direction, scale, norm_preserving, device)
     else:
