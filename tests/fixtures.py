@@ -267,6 +267,11 @@ def build_config(model_type: str, num_hidden_layers: int = DEFAULT_NUM_LAYERS, *
     # Headroom above the tokenizer's size: some families' tokenizer classes add a token on load.
     settings.update(vocab_size=TOKENIZER_VOCAB_SIZE + 32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)
+    if (
+        "layer_types" in settings
+    ):  # a repeating pattern, written for DEFAULT_NUM_LAYERS: stretch it to the count
+        pattern = settings["layer_types"]
+        settings["layer_types"] = [pattern[layer % len(pattern)] for layer in range(num_hidden_layers)]
     return AutoConfig.for_model(model_type, **settings)
 
 
