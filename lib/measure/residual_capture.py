@@ -18,7 +18,8 @@ header, often a long system preamble: GPT-OSS's harmony format, Llama 3's date h
 cache, so only each prompt's own tokens are computed again. Causal attention makes this exact.
 The padding then sits between prefix and prompt, masked; for sliding-window attention, whose
 window counts token slots, this is exact only while prefix + longest prompt fit in the window,
-so longer batches run without the shared prefix.
+so longer batches run without the shared prefix. Models with linear attention layers (Qwen3-Next,
+Qwen3.5) keep a recurrent state that would absorb that padding: they always run whole prompts.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
 from lib.core.batching import BatchSizer, run_in_batches
 from lib.core.chat_format import left_pad
@@ -204,9 +206,21 @@ def compute_shared_prefix(
     finally:
         capture.clear()  # the prefix's own residuals are no prompt's last token
     cache = returned_cache(output)
-    if not isinstance(cache, Cache):
+    if not isinstance(cache, Cache) or not only_keys_and_values(cache):
         return None
     return SharedPrefix(length, cache, sliding_window(model), cache_argument_name(model))
+
+
+def only_keys_and_values(cache: Cache) -> bool:
+    """Whether every layer caches attention keys and values, and nothing else.
+
+    Padding between the prefix and a prompt is harmless only where attention masks it; a linear
+    attention layer (Qwen3-Next, Qwen3.5) folds every token into a recurrent state, padding included.
+    """
+    return all(
+        isinstance(layer, DynamicLayer) and not isinstance(layer, LinearAttentionCacheLayerMixin)
+        for layer in cache.layers
+    )
 
 
 def cache_argument_name(model: PreTrainedModel) -> str:
