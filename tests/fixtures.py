@@ -127,13 +127,10 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=16,
         rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
     ),
-    "deepseek_v2": _DEEPSEEK_SETTINGS,
-    "deepseek_v3": {
-        **_DEEPSEEK_SETTINGS,
-        # Multi-head latent attention has one key/value head per query head; with fewer, padded
-        # batches (an attention mask) fail inside the attention. Weight shapes do not change.
-        "num_key_value_heads": 4,
-    },
+    # Multi-head latent attention has one key/value head per query head (as the released configs say);
+    # with fewer, padded batches (an attention mask) fail inside the attention. Weight shapes do not change.
+    "deepseek_v2": {**_DEEPSEEK_SETTINGS, "num_key_value_heads": 4},
+    "deepseek_v3": {**_DEEPSEEK_SETTINGS, "num_key_value_heads": 4},
     "phi3": {},
     "smollm3": {},
     "seed_oss": dict(attention_out_bias=True),  # o_proj's bias is a residual writer too

@@ -21,19 +21,22 @@ from lib.core.chat_format import tokenize_conversation
 from lib.core.errors import UserError
 from lib.evaluate.chat_session import Action, Conversation, parse_line
 from tests.cli_helpers import error_line
-from tests.fixtures import build_tokenizer, copy_without_chat_template
+from tests.fixtures import ALL_FAMILIES, build_tokenizer, copy_without_chat_template
 from tests.generation_helpers import reference_greedy_continuation, reference_greedy_reply
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ANSI_ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def test_prompt_prints_the_greedy_reply_and_exits(tiny_model, capsys) -> None:
-    model = tiny_model("llama")
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_prompt_prints_the_greedy_reply_and_exits(tiny_model, capsys, model_type: str) -> None:
+    model = tiny_model(model_type)
     assert main(["--model", str(model), "--prompt", "How do rainbows form?", "--max-new-tokens", "6"]) == 0
     expected = reference_greedy_reply(model, [{"role": "user", "content": "How do rainbows form?"}], 6)
     printed = capsys.readouterr().out
-    assert printed.strip() and printed.strip() == expected
+    assert (
+        printed.endswith("\n") and printed.strip() == expected
+    )  # some fixtures' greedy replies are blank lines
 
 
 def test_greedy_by_default_even_when_the_model_asks_for_sampling(tiny_model, tmp_path: Path, capsys) -> None:
