@@ -90,10 +90,12 @@ _LLAMA4_SETTINGS: dict[str, Any] = dict(
     intermediate_size_mlp=HIDDEN_SIZE,
     interleave_moe_layer_step=2,
 )
-# Qwen3-Next / Qwen3.5: linear attention (Gated DeltaNet) and full attention layers alternate; the
-# linear attention's output projection is square too ([hidden, value heads x value head size]).
+# Qwen3-Next / Qwen3.5: full attention and linear attention (Gated DeltaNet) layers alternate; the
+# linear attention's output projection is square too ([hidden, value heads x value head size]). Full
+# attention comes first: freshly initialised linear attention decays its state within a few tokens,
+# so as layer 0 it would make every prompt's last residual the same (its chat-template suffix).
 _GATED_DELTANET_SETTINGS: dict[str, Any] = dict(
-    layer_types=["linear_attention", "full_attention"] * (DEFAULT_NUM_LAYERS // 2),
+    layer_types=["full_attention", "linear_attention"] * (DEFAULT_NUM_LAYERS // 2),
     linear_num_value_heads=4,
     linear_value_head_dim=HIDDEN_SIZE // 4,
     linear_num_key_heads=2,

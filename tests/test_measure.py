@@ -17,7 +17,7 @@ from lib.core.loading import decoder_layers
 from lib.core.prompts import SEARCH_HOLD_BACK_RULE, split_for_search
 from lib.measure.measurements import load_measurements
 from lib.measure.residual_capture import common_prefix_length, measure_last_token_residuals
-from tests.fixtures import build_prequantized_fixture
+from tests.fixtures import ALL_FAMILIES, build_prequantized_fixture
 from tests.measure_helpers import (
     HARMFUL_PROMPTS,
     HARMLESS_PROMPTS,
@@ -28,22 +28,10 @@ from tests.measure_helpers import (
 )
 
 TOLERANCE = 1e-4
-# gpt_oss twice: its fixture's 16-token sliding window is shorter than the prompts, so batches run
-# whole prompts; with a 512-token window they reuse the shared prefix's cache.
-FAMILIES = [
-    ("llama", {}),
-    ("gpt_oss", {}),
-    ("gpt_oss", {"sliding_window": 512}),
-    ("gemma3_text", {}),
-    ("gemma3", {}),
-    # Hybrid layers: linear attention carries a recurrent state, not keys and values (Qwen3-Next, Qwen3.5).
-    ("qwen3_next", {}),
-    ("qwen3_5", {}),
-    ("llama4", {}),  # chunked attention, a vision-language wrapper loaded as its text model
-    ("cohere2", {}),  # parallel attention and MLP, sliding-window layers
-    ("olmo2", {}),  # post-norms, no pre-norm
-    ("granitemoe", {}),  # residual and embedding multipliers
-]
+# Every family, and gpt_oss twice: its fixture's 16-token sliding window is shorter than the prompts,
+# so batches run whole prompts; with a 512-token window they reuse the shared prefix's cache. Hybrid
+# families (Qwen3-Next, Qwen3.5) keep a recurrent state in their linear attention layers.
+FAMILIES = [(model_type, {}) for model_type in ALL_FAMILIES] + [("gpt_oss", {"sliding_window": 512})]
 
 
 def _assert_matches_direct(measured: dict, harmful: torch.Tensor, harmless: torch.Tensor, label: str) -> None:
