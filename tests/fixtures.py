@@ -169,6 +169,14 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+_TINY_VISION: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
 _QWEN3_5_VISION: dict[str, Any] = dict(
     depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN_SIZE, patch_size=14
 )
@@ -178,14 +186,7 @@ MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": (
         "gemma3_text",
         dict(
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
-            ),
+            vision_config=_TINY_VISION,
             mm_tokens_per_image=4,
             image_token_index=5,
             boi_token_index=6,
@@ -196,12 +197,7 @@ MULTIMODAL_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "llama4_text",
         dict(
             vision_config=dict(
-                hidden_size=32,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
+                **_TINY_VISION,
                 vision_output_dim=32,
                 projector_input_dim=32,
                 projector_output_dim=32,

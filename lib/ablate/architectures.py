@@ -150,22 +150,28 @@ _GEMMA = Family(
 _PER_EXPERT_DOWN_PROJ = _linear_writer(rf"mlp\.experts\.{_EXPERT}\.down_proj", MLP_OUTPUT, is_expert=True)
 _STACKED_DOWN_PROJ = LoadedName(rf"mlp\.experts\.{_EXPERT}\.down_proj\.weight", "mlp.experts.down_proj")
 
-_QWEN2_MOE = Family(
-    "qwen2_moe",
-    rules=(
-        *_ATTENTION,
-        *_DENSE_MLP,  # layers listed in `mlp_only_layers` keep a dense MLP
-        *_PER_EXPERT_DOWN_PROJ,
-        *_linear_writer(r"mlp\.shared_expert\.down_proj", SHARED_EXPERT_OUTPUT),
-        _router(r"mlp\.gate", _PRE_MLP_NORM),
-        # The shared expert's sigmoid gate reads the same normed residual as the router: making it
-        # blind to the direction keeps the shared expert's share independent of the direction too.
-        _router(r"mlp\.shared_expert_gate", _PRE_MLP_NORM),
-    ),
-    expert_count_key="num_experts",
-    shared_expert_in_moe_layers=True,
-    loaded_names=(_STACKED_DOWN_PROJ,),
-)
+
+def _moe_with_gated_shared_expert(name: str, attention: tuple[TensorRule, ...], pre_mlp_norm: Gain) -> Family:
+    """Qwen's MoE block: routed experts (a dense MLP in `mlp_only_layers`) plus a shared expert whose
+    sigmoid gate reads the same normed residual as the router."""
+    return Family(
+        name,
+        rules=(
+            *attention,
+            *_DENSE_MLP,
+            *_PER_EXPERT_DOWN_PROJ,
+            *_linear_writer(r"mlp\.shared_expert\.down_proj", SHARED_EXPERT_OUTPUT),
+            _router(r"mlp\.gate", pre_mlp_norm),
+            # Making the gate blind too keeps the shared expert's share independent of the direction.
+            _router(r"mlp\.shared_expert_gate", pre_mlp_norm),
+        ),
+        expert_count_key="num_experts",
+        shared_expert_in_moe_layers=True,
+        loaded_names=(_STACKED_DOWN_PROJ,),
+    )
+
+
+_QWEN2_MOE = _moe_with_gated_shared_expert("qwen2_moe", _ATTENTION, _PRE_MLP_NORM)
 
 _QWEN3_MOE = Family(
     "qwen3_moe",
@@ -239,20 +245,7 @@ _POST_NORM = Family(
 _ZERO_CENTRED_PRE_MLP_NORM = Gain("post_attention_layernorm.weight", offset=1.0)
 _HYBRID_ATTENTION = (*_ATTENTION, *_linear_writer(r"linear_attn\.out_proj", ATTENTION_OUTPUT))
 _QWEN3_5_DENSE = Family("qwen3_5_dense", rules=(*_HYBRID_ATTENTION, *_DENSE_MLP))
-_QWEN3_NEXT = Family(
-    "qwen3_next",
-    rules=(
-        *_HYBRID_ATTENTION,
-        *_DENSE_MLP,  # layers listed in `mlp_only_layers` keep a dense MLP
-        *_PER_EXPERT_DOWN_PROJ,
-        *_linear_writer(r"mlp\.shared_expert\.down_proj", SHARED_EXPERT_OUTPUT),
-        _router(r"mlp\.gate", _ZERO_CENTRED_PRE_MLP_NORM),
-        _router(r"mlp\.shared_expert_gate", _ZERO_CENTRED_PRE_MLP_NORM),
-    ),
-    expert_count_key="num_experts",
-    shared_expert_in_moe_layers=True,
-    loaded_names=(_STACKED_DOWN_PROJ,),
-)
+_QWEN3_NEXT = _moe_with_gated_shared_expert("qwen3_next", _HYBRID_ATTENTION, _ZERO_CENTRED_PRE_MLP_NORM)
 # The released Qwen3.5 models are vision-language checkpoints (`model.language_model.layers.*`);
 # AutoModelForCausalLM loads their text model alone, as `model.layers.*`.
 _QWEN3_5_LAYOUTS = (Layout("model.language_model.", "lm_head.weight"), Layout("model.", "lm_head.weight"))
