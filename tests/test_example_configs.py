@@ -85,6 +85,22 @@ REAL_MODELS: dict[str, RealModel] = {
         stores_prediction_layer=True,
         config_overrides=(("first_k_dense_replace", 3),),
     ),
+    # Scout has routed experts in every layer (`interleave_moe_layer_step: 1`; the fixture's is 2).
+    "llama-4-scout-17b-16e-instruct.yml": RealModel(
+        "llama4", 48, config_overrides=(("interleave_moe_layer_step", 1),)
+    ),
+    "llama-4-scout-17b-16e-instruct-text.yml": RealModel(
+        "llama4_text", 48, config_overrides=(("interleave_moe_layer_step", 1),)
+    ),
+    # Qwen3-Next and Qwen3.5 keep the fixture's linear / full attention pattern (the releases have
+    # three linear attention layers per full one): expected_edits reads each layer's kind from it.
+    "qwen3-next-80b-a3b-instruct.yml": RealModel(
+        "qwen3_next", 48, config_overrides=(("mlp_only_layers", ()),)
+    ),
+    "qwen3.5-27b.yml": RealModel("qwen3_5", 64),
+    "qwen3.5-27b-text.yml": RealModel("qwen3_5_text", 64),
+    "qwen3.5-35b-a3b.yml": RealModel("qwen3_5_moe", 40, stores_fused_experts=True),
+    "qwen3.5-35b-a3b-text.yml": RealModel("qwen3_5_moe_text", 40),
 }
 
 
@@ -119,6 +135,20 @@ _DEEPSEEK = FamilyTensors(
     expert_count_key="n_routed_experts",
     dense_layer=_DENSE_LAYER,
 )
+_LLAMA4_LAYER = {
+    **_ATTENTION,
+    "mlp_output": ("feed_forward.experts.down_proj",),  # all experts fused, [experts, intermediate, hidden]
+    "shared_expert_output": ("feed_forward.shared_expert.down_proj.weight",),
+    "router": ("feed_forward.router.weight",),
+}
+# Qwen3-Next / Qwen3.5: Gated DeltaNet layers have no self_attn; their output projection writes instead.
+_LINEAR_ATTENTION = {"linear_attention": {"attention_output": ("linear_attn.out_proj.weight",)}}
+_QWEN_HYBRID_MOE_LAYER = {
+    **_ATTENTION,
+    "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+    "shared_expert_output": ("mlp.shared_expert.down_proj.weight",),
+    "router": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
+}
 EXPECTED_TENSORS: dict[str, FamilyTensors] = {
     **{dense: FamilyTensors("model.", _DENSE_LAYER) for dense in ("llama", "mistral", "qwen2", "qwen3")},
     "gemma2": FamilyTensors("model.", _DENSE_LAYER),
@@ -161,6 +191,23 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
             "attention_output": ("self_attn.o_proj.bias",),
             "mlp_output": ("mlp.experts.down_proj_bias",),
         },
+    ),
+    "llama4_text": FamilyTensors("model.", _LLAMA4_LAYER),
+    "llama4": FamilyTensors("language_model.model.", _LLAMA4_LAYER),
+    "qwen3_next": FamilyTensors(
+        "model.", _QWEN_HYBRID_MOE_LAYER, expert_count_key="num_experts", by_layer_type=_LINEAR_ATTENTION
+    ),
+    "qwen3_5_text": FamilyTensors("model.", _DENSE_LAYER, by_layer_type=_LINEAR_ATTENTION),
+    "qwen3_5": FamilyTensors("model.language_model.", _DENSE_LAYER, by_layer_type=_LINEAR_ATTENTION),
+    # As transformers 5 saves a text-only Qwen3.5-MoE: one tensor per expert.
+    "qwen3_5_moe_text": FamilyTensors(
+        "model.", _QWEN_HYBRID_MOE_LAYER, expert_count_key="num_experts", by_layer_type=_LINEAR_ATTENTION
+    ),
+    # As released: each layer's experts stacked, `mlp.experts.down_proj` [experts, hidden, intermediate].
+    "qwen3_5_moe": FamilyTensors(
+        "model.language_model.",
+        {**_QWEN_HYBRID_MOE_LAYER, "mlp_output": ("mlp.experts.down_proj",)},
+        by_layer_type=_LINEAR_ATTENTION,
     ),
 }
 
