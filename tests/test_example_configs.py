@@ -101,6 +101,28 @@ REAL_MODELS: dict[str, RealModel] = {
     "qwen3.5-27b-text.yml": RealModel("qwen3_5_text", 64),
     "qwen3.5-35b-a3b.yml": RealModel("qwen3_5_moe", 40, stores_fused_experts=True),
     "qwen3.5-35b-a3b-text.yml": RealModel("qwen3_5_moe_text", 40),
+    "glm-4.5-air.yml": RealModel(
+        "glm4_moe",
+        46,
+        first_dense_layers=1,
+        stores_prediction_layer=True,
+        config_overrides=(("first_k_dense_replace", 1),),
+    ),
+    "olmo-2-1124-7b-instruct.yml": RealModel("olmo2", 32),
+    "exaone-4.0-32b.yml": RealModel("exaone4", 64),
+    "phi-4-mini-instruct.yml": RealModel("phi3", 32),
+    "command-r7b-12-2024.yml": RealModel("cohere2", 32),
+    "granite-3.1-3b-a800m-instruct.yml": RealModel("granitemoe", 32),
+    "smollm3-3b.yml": RealModel("smollm3", 36),
+    # The fixture gives o_proj a bias (`attention_out_bias`); the release has none.
+    "seed-oss-36b-instruct.yml": RealModel("seed_oss", 64, config_overrides=(("attention_out_bias", False),)),
+    "ernie-4.5-21b-a3b-pt.yml": RealModel(
+        "ernie4_5_moe",
+        28,
+        first_dense_layers=1,
+        config_overrides=(("moe_layer_start_index", 1), ("moe_layer_end_index", 27)),
+    ),
+    "minimax-m2-bf16.yml": RealModel("minimax_m2", 62),
 }
 
 
@@ -209,6 +231,40 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
         {**_QWEN_HYBRID_MOE_LAYER, "mlp_output": ("mlp.experts.down_proj",)},
         by_layer_type=_LINEAR_ATTENTION,
     ),
+    "glm4_moe": _DEEPSEEK,
+    "ernie4_5_moe": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+            "shared_expert_output": ("mlp.shared_experts.down_proj.weight",),
+            "router": ("mlp.gate.weight",),
+        },
+        expert_count_key="moe_num_experts",
+        dense_layer=_DENSE_LAYER,
+    ),
+    "minimax_m2": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("block_sparse_moe.experts.{expert}.w2.weight",),
+            "router": ("block_sparse_moe.gate.weight",),
+        },
+        expert_count_key="num_local_experts",
+    ),
+    # Experts stacked as nn.Linear weights: output_linear [experts, hidden, intermediate].
+    "granitemoe": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("block_sparse_moe.output_linear.weight",),
+            "router": ("block_sparse_moe.router.layer.weight",),
+        },
+    ),
+    **{
+        dense: FamilyTensors("model.", _DENSE_LAYER)
+        for dense in ("olmo2", "exaone4", "phi3", "cohere2", "smollm3", "seed_oss")
+    },
 }
 
 
