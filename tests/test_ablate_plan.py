@@ -208,7 +208,11 @@ def test_unknown_family_lists_the_supported_ones(setup, capsys, tmp_path: Path) 
     (model / "config.json").write_text('{"model_type": "falcon"}')
     plan["model"] = str(model)
     error = run_ablate([str(write_plan(tmp_path / "plan.yml", plan))], capsys).error
-    assert "'falcon' is not supported" in error and "gpt_oss, granitemoe, llama, llama4" in error and "qwen3_moe" in error
+    assert (
+        "'falcon' is not supported" in error
+        and "gpt_oss, granitemoe, llama, llama4" in error
+        and "qwen3_moe" in error
+    )
     assert not (tmp_path / "out").exists()
 
 
