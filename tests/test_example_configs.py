@@ -10,14 +10,17 @@ here as it would on the real checkpoint.
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 import sharded_ablate
@@ -35,15 +38,27 @@ CONFIG_FILES = sorted(CONFIG_DIRECTORY.glob("*.yml"))
 
 @dataclass(frozen=True)
 class RealModel:
-    """What a plan depends on in the real model's config.json."""
+    """What a plan depends on in the real model's config.json and checkpoint."""
 
     model_type: str
     num_hidden_layers: int
-    first_dense_layers: int = 0  # DeepSeek's `first_k_dense_replace`: these layers keep a dense MLP
+    first_dense_layers: int = 0  # these first layers have the dense tensors (a dense MLP, no router)
     packed_format: str | None = None  # the release's pre-quantised format (build_prequantized_fixture)
-    # DeepSeek-V3 stores its multi-token-prediction module as one more layer after the last decoder
-    # layer (`model.layers.61.*`); transformers ignores it, and so must a plan's resolution.
+    # DeepSeek-V3 and GLM-4.5 store their multi-token-prediction module as one more layer after the
+    # last decoder layer (`model.layers.61.*`, `model.layers.46.*`); transformers ignores it, and so
+    # must a plan's resolution.
     stores_prediction_layer: bool = False
+    # config.json values of the release that lay the fixture's layers out as the real model's (which
+    # layers are dense, which tensors have biases), as (key, value) pairs; a tuple is written as a list.
+    config_overrides: tuple[tuple[str, Any], ...] = ()
+    # Qwen3.5-MoE releases store each layer's routed experts as two stacked tensors (as transformers 5
+    # holds them in memory), where transformers' save_pretrained writes one tensor per expert.
+    stores_fused_experts: bool = False
+
+    def fixture_options(self) -> dict[str, Any]:
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in self.config_overrides
+        }
 
 
 # One entry per file in configs/, from the released config.json of each model.
@@ -60,8 +75,54 @@ REAL_MODELS: dict[str, RealModel] = {
     "gemma-3-1b-it.yml": RealModel("gemma3_text", 26),
     "gemma-3-12b-it.yml": RealModel("gemma3", 48),
     "mixtral-8x7b-instruct.yml": RealModel("mixtral", 32),
-    "deepseek-v2-lite-chat.yml": RealModel("deepseek_v2", 27, first_dense_layers=1),
-    "deepseek-v3-bf16.yml": RealModel("deepseek_v3", 61, first_dense_layers=3, stores_prediction_layer=True),
+    "deepseek-v2-lite-chat.yml": RealModel(
+        "deepseek_v2", 27, first_dense_layers=1, config_overrides=(("first_k_dense_replace", 1),)
+    ),
+    "deepseek-v3-bf16.yml": RealModel(
+        "deepseek_v3",
+        61,
+        first_dense_layers=3,
+        stores_prediction_layer=True,
+        config_overrides=(("first_k_dense_replace", 3),),
+    ),
+    # Scout has routed experts in every layer (`interleave_moe_layer_step: 1`; the fixture's is 2).
+    "llama-4-scout-17b-16e-instruct.yml": RealModel(
+        "llama4", 48, config_overrides=(("interleave_moe_layer_step", 1),)
+    ),
+    "llama-4-scout-17b-16e-instruct-text.yml": RealModel(
+        "llama4_text", 48, config_overrides=(("interleave_moe_layer_step", 1),)
+    ),
+    # Qwen3-Next and Qwen3.5 keep the fixture's linear / full attention pattern (the releases have
+    # three linear attention layers per full one): expected_edits reads each layer's kind from it.
+    "qwen3-next-80b-a3b-instruct.yml": RealModel(
+        "qwen3_next", 48, config_overrides=(("mlp_only_layers", ()),)
+    ),
+    "qwen3.5-27b.yml": RealModel("qwen3_5", 64),
+    "qwen3.5-27b-text.yml": RealModel("qwen3_5_text", 64),
+    "qwen3.5-35b-a3b.yml": RealModel("qwen3_5_moe", 40, stores_fused_experts=True),
+    "qwen3.5-35b-a3b-text.yml": RealModel("qwen3_5_moe_text", 40),
+    "glm-4.5-air.yml": RealModel(
+        "glm4_moe",
+        46,
+        first_dense_layers=1,
+        stores_prediction_layer=True,
+        config_overrides=(("first_k_dense_replace", 1),),
+    ),
+    "olmo-2-1124-7b-instruct.yml": RealModel("olmo2", 32),
+    "exaone-4.0-32b.yml": RealModel("exaone4", 64),
+    "phi-4-mini-instruct.yml": RealModel("phi3", 32),
+    "command-r7b-12-2024.yml": RealModel("cohere2", 32),
+    "granite-3.1-3b-a800m-instruct.yml": RealModel("granitemoe", 32),
+    "smollm3-3b.yml": RealModel("smollm3", 36),
+    # The fixture gives o_proj a bias (`attention_out_bias`); the release has none.
+    "seed-oss-36b-instruct.yml": RealModel("seed_oss", 64, config_overrides=(("attention_out_bias", False),)),
+    "ernie-4.5-21b-a3b-pt.yml": RealModel(
+        "ernie4_5_moe",
+        28,
+        first_dense_layers=1,
+        config_overrides=(("moe_layer_start_index", 1), ("moe_layer_end_index", 27)),
+    ),
+    "minimax-m2-bf16.yml": RealModel("minimax_m2", 62),
 }
 
 
@@ -70,7 +131,9 @@ class FamilyTensors:
     """The tensors a full plan edits in one layer, by component, as the released checkpoints name them.
 
     Written from the checkpoints, independently of lib/ablate/architectures.py. `{expert}` stands for every
-    routed expert; `dense_layer` applies to the first `first_dense_layers` layers of a MoE model.
+    routed expert; `dense_layer` applies to the first `first_dense_layers` layers of a MoE model;
+    `by_layer_type` replaces components in the layers whose entry in config.json's `layer_types` names
+    that kind (hybrid models: linear attention layers write through another projection).
     """
 
     prefix: str
@@ -78,6 +141,7 @@ class FamilyTensors:
     biases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     expert_count_key: str | None = None
     dense_layer: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    by_layer_type: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
 
 _ATTENTION = {"attention_output": ("self_attn.o_proj.weight",)}
@@ -93,6 +157,20 @@ _DEEPSEEK = FamilyTensors(
     expert_count_key="n_routed_experts",
     dense_layer=_DENSE_LAYER,
 )
+_LLAMA4_LAYER = {
+    **_ATTENTION,
+    "mlp_output": ("feed_forward.experts.down_proj",),  # all experts fused, [experts, intermediate, hidden]
+    "shared_expert_output": ("feed_forward.shared_expert.down_proj.weight",),
+    "router": ("feed_forward.router.weight",),
+}
+# Qwen3-Next / Qwen3.5: Gated DeltaNet layers have no self_attn; their output projection writes instead.
+_LINEAR_ATTENTION = {"linear_attention": {"attention_output": ("linear_attn.out_proj.weight",)}}
+_QWEN_HYBRID_MOE_LAYER = {
+    **_ATTENTION,
+    "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+    "shared_expert_output": ("mlp.shared_expert.down_proj.weight",),
+    "router": ("mlp.gate.weight", "mlp.shared_expert_gate.weight"),
+}
 EXPECTED_TENSORS: dict[str, FamilyTensors] = {
     **{dense: FamilyTensors("model.", _DENSE_LAYER) for dense in ("llama", "mistral", "qwen2", "qwen3")},
     "gemma2": FamilyTensors("model.", _DENSE_LAYER),
@@ -136,6 +214,57 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
             "mlp_output": ("mlp.experts.down_proj_bias",),
         },
     ),
+    "llama4_text": FamilyTensors("model.", _LLAMA4_LAYER),
+    "llama4": FamilyTensors("language_model.model.", _LLAMA4_LAYER),
+    "qwen3_next": FamilyTensors(
+        "model.", _QWEN_HYBRID_MOE_LAYER, expert_count_key="num_experts", by_layer_type=_LINEAR_ATTENTION
+    ),
+    "qwen3_5_text": FamilyTensors("model.", _DENSE_LAYER, by_layer_type=_LINEAR_ATTENTION),
+    "qwen3_5": FamilyTensors("model.language_model.", _DENSE_LAYER, by_layer_type=_LINEAR_ATTENTION),
+    # As transformers 5 saves a text-only Qwen3.5-MoE: one tensor per expert.
+    "qwen3_5_moe_text": FamilyTensors(
+        "model.", _QWEN_HYBRID_MOE_LAYER, expert_count_key="num_experts", by_layer_type=_LINEAR_ATTENTION
+    ),
+    # As released: each layer's experts stacked, `mlp.experts.down_proj` [experts, hidden, intermediate].
+    "qwen3_5_moe": FamilyTensors(
+        "model.language_model.",
+        {**_QWEN_HYBRID_MOE_LAYER, "mlp_output": ("mlp.experts.down_proj",)},
+        by_layer_type=_LINEAR_ATTENTION,
+    ),
+    "glm4_moe": _DEEPSEEK,
+    "ernie4_5_moe": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
+            "shared_expert_output": ("mlp.shared_experts.down_proj.weight",),
+            "router": ("mlp.gate.weight",),
+        },
+        expert_count_key="moe_num_experts",
+        dense_layer=_DENSE_LAYER,
+    ),
+    "minimax_m2": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("block_sparse_moe.experts.{expert}.w2.weight",),
+            "router": ("block_sparse_moe.gate.weight",),
+        },
+        expert_count_key="num_local_experts",
+    ),
+    # Experts stacked as nn.Linear weights: output_linear [experts, hidden, intermediate].
+    "granitemoe": FamilyTensors(
+        "model.",
+        {
+            **_ATTENTION,
+            "mlp_output": ("block_sparse_moe.output_linear.weight",),
+            "router": ("block_sparse_moe.router.layer.weight",),
+        },
+    ),
+    **{
+        dense: FamilyTensors("model.", _DENSE_LAYER)
+        for dense in ("olmo2", "exaone4", "phi3", "cohere2", "smollm3", "seed_oss")
+    },
 }
 
 
@@ -156,7 +285,7 @@ def example_model(tmp_path_factory: pytest.TempPathFactory):
 
     def make(real: RealModel) -> tuple[Path, Path]:
         if real not in built:
-            options = {"first_k_dense_replace": real.first_dense_layers} if real.first_dense_layers else {}
+            options = real.fixture_options()
             directory = tmp_path_factory.mktemp(real.model_type)
             if real.packed_format:
                 model = build_prequantized_fixture(
@@ -172,6 +301,8 @@ def example_model(tmp_path_factory: pytest.TempPathFactory):
                 )
             if real.stores_prediction_layer:
                 add_prediction_layer(model, real.num_hidden_layers)
+            if real.stores_fused_experts:
+                fuse_routed_experts(model)
             measurements = tmp_path_factory.mktemp("measurements") / "m.pt"
             write_measurements(
                 measurements,
@@ -205,6 +336,43 @@ def add_prediction_layer(model: Path, layer: int) -> None:
     index_path.write_text(json.dumps(index, indent=2))
 
 
+_PER_EXPERT = re.compile(
+    r"(?P<experts>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<projection>gate|up|down)_proj\.weight"
+)
+
+
+def fuse_routed_experts(model: Path) -> None:
+    """Rewrite each layer's per-expert `mlp.experts.E.{gate,up,down}_proj.weight` as the two stacked
+    tensors Qwen3.5-MoE releases store: `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden]
+    and `mlp.experts.down_proj` [experts, hidden, intermediate], in the shard that held expert 0's."""
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = {
+        file_name: load_file(model / file_name) for file_name in sorted(set(index["weight_map"].values()))
+    }
+    experts: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
+    home: dict[str, str] = {}
+    for file_name, tensors in shards.items():
+        for name in [name for name in tensors if _PER_EXPERT.fullmatch(name)]:
+            match = _PER_EXPERT.fullmatch(name)
+            experts[match["experts"]][match["projection"], int(match["expert"])] = tensors.pop(name)
+            home.setdefault(match["experts"], file_name)
+    for prefix, parts in experts.items():
+        count = 1 + max(expert for _, expert in parts)
+        gate_up = [torch.cat([parts["gate", expert], parts["up", expert]]) for expert in range(count)]
+        shards[home[prefix]][f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        shards[home[prefix]][f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(count)])
+    weight_map = {}
+    for file_name, tensors in shards.items():
+        if not tensors:
+            (model / file_name).unlink()
+            continue
+        save_file(tensors, model / file_name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file_name))
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index_path.write_text(json.dumps(index, indent=2))
+
+
 def plan_for_fixture(config: Path, model: Path, measurements: Path, work: Path) -> Path:
     """The example plan with only `model`, `measurements` and `output` pointed at the fixture."""
     document = yaml.safe_load(config.read_text())
@@ -224,11 +392,14 @@ def expected_edits(plan: Plan, real: RealModel, model: Path) -> set[str]:
     # `num_experts`) and as transformers 5 saves it (`num_local_experts`).
     config = AutoConfig.from_pretrained(model).get_text_config()
     experts = range(getattr(config, tensors.expert_count_key)) if tensors.expert_count_key else range(0)
+    layer_types = getattr(config, "layer_types", None) or []
     names = set()
     for entry in plan.entries:
         components = entry.options.components
         for layer in (layer for layers in entry.layer_ranges for layer in layers):
             by_component = tensors.dense_layer if layer < real.first_dense_layers else tensors.layer
+            if layer < len(layer_types):
+                by_component = {**by_component, **tensors.by_layer_type.get(layer_types[layer], {})}
             for component in components & set(by_component):
                 suffixes = by_component[component]
                 if "biases" in components:  # the biases of the selected writers

@@ -246,6 +246,18 @@ _ZERO_CENTRED_PRE_MLP_NORM = Gain("post_attention_layernorm.weight", offset=1.0)
 _HYBRID_ATTENTION = (*_ATTENTION, *_linear_writer(r"linear_attn\.out_proj", ATTENTION_OUTPUT))
 _QWEN3_5_DENSE = Family("qwen3_5_dense", rules=(*_HYBRID_ATTENTION, *_DENSE_MLP))
 _QWEN3_NEXT = _moe_with_gated_shared_expert("qwen3_next", _HYBRID_ATTENTION, _ZERO_CENTRED_PRE_MLP_NORM)
+# Qwen3.5 MoE releases store each layer's routed experts stacked, as transformers 5 holds them in
+# memory: `mlp.experts.down_proj` [experts, hidden, intermediate] (each expert an `nn.Linear` weight,
+# so the residual axis is each matrix's first) beside `mlp.experts.gate_up_proj`; transformers'
+# save_pretrained writes them one tensor per expert, as Qwen3-Next stores them.
+_QWEN3_5_MOE = replace(
+    _QWEN3_NEXT,
+    name="qwen3_5_moe",
+    rules=(
+        *_QWEN3_NEXT.rules,
+        TensorRule(r"mlp\.experts\.down_proj", MLP_OUTPUT, Role.WRITER, RESIDUAL_FIRST, 3, is_expert=True),
+    ),
+)
 # The released Qwen3.5 models are vision-language checkpoints (`model.language_model.layers.*`);
 # AutoModelForCausalLM loads their text model alone, as `model.layers.*`.
 _QWEN3_5_LAYOUTS = (Layout("model.language_model.", "lm_head.weight"), Layout("model.", "lm_head.weight"))
@@ -336,11 +348,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_next": _QWEN3_NEXT,
     "qwen3_5_text": replace(_QWEN3_5_DENSE, layouts=tuple(reversed(_QWEN3_5_LAYOUTS))),
-    "qwen3_5_moe_text": replace(_QWEN3_NEXT, name="qwen3_5_moe", layouts=tuple(reversed(_QWEN3_5_LAYOUTS))),
+    "qwen3_5_moe_text": replace(_QWEN3_5_MOE, layouts=tuple(reversed(_QWEN3_5_LAYOUTS))),
     "qwen3_5": replace(_QWEN3_5_DENSE, text_config_key="text_config", layouts=_QWEN3_5_LAYOUTS),
-    "qwen3_5_moe": replace(
-        _QWEN3_NEXT, name="qwen3_5_moe", text_config_key="text_config", layouts=_QWEN3_5_LAYOUTS
-    ),
+    "qwen3_5_moe": replace(_QWEN3_5_MOE, text_config_key="text_config", layouts=_QWEN3_5_LAYOUTS),
     # GLM-4.5/4.6 and ERNIE 4.5 are DeepSeek MoE layouts: first dense layers, routed and shared
     # experts, a router whose score-correction bias (`e_score_correction_bias`, ERNIE's `moe_statics`)
     # is added after the product with the residual, so it needs no edit.
