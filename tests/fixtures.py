@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -482,3 +484,40 @@ def build_prequantized_fixture(model_type: str, output_dir: Path, quant_method: 
     config["quantization_config"] = dict(quantization_config)
     config_path.write_text(json.dumps(config, indent=2))
     return output_dir
+
+
+_PER_EXPERT = re.compile(
+    r"(?P<experts>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<projection>gate|up|down)_proj\.weight"
+)
+
+
+def fuse_routed_experts(model: Path) -> None:
+    """Rewrite each layer's per-expert `mlp.experts.E.{gate,up,down}_proj.weight` as the two stacked
+    tensors Qwen3.5-MoE releases store: `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden]
+    and `mlp.experts.down_proj` [experts, hidden, intermediate], in the shard that held expert 0's."""
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = {
+        file_name: load_file(model / file_name) for file_name in sorted(set(index["weight_map"].values()))
+    }
+    experts: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
+    home: dict[str, str] = {}
+    for file_name, tensors in shards.items():
+        for name in [name for name in tensors if _PER_EXPERT.fullmatch(name)]:
+            match = _PER_EXPERT.fullmatch(name)
+            experts[match["experts"]][match["projection"], int(match["expert"])] = tensors.pop(name)
+            home.setdefault(match["experts"], file_name)
+    for prefix, parts in experts.items():
+        count = 1 + max(expert for _, expert in parts)
+        gate_up = [torch.cat([parts["gate", expert], parts["up", expert]]) for expert in range(count)]
+        shards[home[prefix]][f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        shards[home[prefix]][f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(count)])
+    weight_map = {}
+    for file_name, tensors in shards.items():
+        if not tensors:
+            (model / file_name).unlink()
+            continue
+        save_file(tensors, model / file_name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file_name))
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index_path.write_text(json.dumps(index, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from tests.ablate_helpers import (
     run_ablate,
     write_plan,
 )
-from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, MOE_FAMILIES
+from tests.fixtures import ALL_FAMILIES, DEFAULT_NUM_LAYERS, HIDDEN_SIZE, MOE_FAMILIES, fuse_routed_experts
 from tests.measurement_files import write_measurements
 
 # Which measured direction each edited layer uses; layer 0 stays untouched.
@@ -44,7 +45,11 @@ ROUTER = re.compile(
     r".*layers\.(\d+)\.((mlp|feed_forward)\.router|mlp\.gate|block_sparse_moe\.gate|block_sparse_moe\.router\.layer"
     r"|mlp\.shared_expert_gate)\.weight"
 )
-FAMILIES = ALL_FAMILIES
+# Checkpoint layouts transformers' save_pretrained does not write: Qwen3.5-MoE as released, with each
+# layer's experts stacked into `mlp.experts.down_proj` [experts, hidden, intermediate].
+STACKED_EXPERTS = "qwen3_5_moe-stacked-experts"
+LAYOUT_VARIANTS = {STACKED_EXPERTS: ("qwen3_5_moe", fuse_routed_experts)}
+FAMILIES = [*ALL_FAMILIES, *LAYOUT_VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,11 @@ def ablated(tiny_model, tmp_path_factory):
     def make(model_type: str):
         if model_type not in results:
             work = tmp_path_factory.mktemp(f"ablate-{model_type}")
-            source = tiny_model(model_type, randomize_norms_and_biases=True)
+            family, rewrite = LAYOUT_VARIANTS.get(model_type, (model_type, None))
+            source = tiny_model(family, randomize_norms_and_biases=True)
+            if rewrite is not None:
+                source = shutil.copytree(source, work / "source")
+                rewrite(source)
             measurements = write_measurements(
                 work / "m.pt", HIDDEN_SIZE, DEFAULT_NUM_LAYERS, seed=len(results)
             )
@@ -116,7 +125,7 @@ def test_exactly_the_planned_tensors_change(ablated, model_type: str) -> None:
     )
 
 
-@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+@pytest.mark.parametrize("model_type", [*MOE_FAMILIES, STACKED_EXPERTS])
 def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_type: str) -> None:
     source, output, measurements = ablated(model_type)
     before, after = read_all_tensors(source), read_all_tensors(output)
@@ -127,6 +136,7 @@ def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_typ
     ]
     assert routers
     model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float64).eval()
+    seen_before = []
     for name in routers:
         layer = int(ROUTER.fullmatch(name)[1])
         # The MLP block, and so its router, reads the residual through the norm called
@@ -137,4 +147,6 @@ def test_routers_are_blind_to_the_direction_behind_their_norm(ablated, model_typ
             seen = norm(measurements.direction(LAYER_MEASUREMENTS[layer]).double()[None])[0]
         seen = seen / seen.norm()
         assert (after[name].double() @ seen).abs().max() <= 1e-5 * after[name].double().norm()
-        assert (before[name].double() @ seen).abs().max() >= 1e-2 * before[name].double().norm()
+        seen_before.append(float((before[name].double() @ seen).abs().max() / before[name].double().norm()))
+    # The routers saw the direction before the edit (a one-row gate may happen to be nearly blind already).
+    assert max(seen_before) >= 1e-2

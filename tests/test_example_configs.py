@@ -10,8 +10,6 @@ here as it would on the real checkpoint.
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 import sharded_ablate
@@ -29,7 +27,7 @@ from lib.ablate.checkpoint import open_checkpoint
 from lib.ablate.plan import Plan, load_plan
 from lib.ablate.resolution import Resolution, resolve
 from lib.measure.measurements import load_measurements
-from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture
+from tests.fixtures import HIDDEN_SIZE, build_fixture, build_prequantized_fixture, fuse_routed_experts
 from tests.measurement_files import write_measurements
 
 CONFIG_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
@@ -333,43 +331,6 @@ def add_prediction_layer(model: Path, layer: int) -> None:
     tensors[f"{extra}eh_proj.weight"] = torch.zeros(HIDDEN_SIZE, 2 * HIDDEN_SIZE)
     save_file(tensors, model / "model-prediction-layer.safetensors", metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(tensors, "model-prediction-layer.safetensors"))
-    index_path.write_text(json.dumps(index, indent=2))
-
-
-_PER_EXPERT = re.compile(
-    r"(?P<experts>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<projection>gate|up|down)_proj\.weight"
-)
-
-
-def fuse_routed_experts(model: Path) -> None:
-    """Rewrite each layer's per-expert `mlp.experts.E.{gate,up,down}_proj.weight` as the two stacked
-    tensors Qwen3.5-MoE releases store: `mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden]
-    and `mlp.experts.down_proj` [experts, hidden, intermediate], in the shard that held expert 0's."""
-    index_path = model / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shards = {
-        file_name: load_file(model / file_name) for file_name in sorted(set(index["weight_map"].values()))
-    }
-    experts: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
-    home: dict[str, str] = {}
-    for file_name, tensors in shards.items():
-        for name in [name for name in tensors if _PER_EXPERT.fullmatch(name)]:
-            match = _PER_EXPERT.fullmatch(name)
-            experts[match["experts"]][match["projection"], int(match["expert"])] = tensors.pop(name)
-            home.setdefault(match["experts"], file_name)
-    for prefix, parts in experts.items():
-        count = 1 + max(expert for _, expert in parts)
-        gate_up = [torch.cat([parts["gate", expert], parts["up", expert]]) for expert in range(count)]
-        shards[home[prefix]][f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
-        shards[home[prefix]][f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(count)])
-    weight_map = {}
-    for file_name, tensors in shards.items():
-        if not tensors:
-            (model / file_name).unlink()
-            continue
-        save_file(tensors, model / file_name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file_name))
-    index["weight_map"] = dict(sorted(weight_map.items()))
     index_path.write_text(json.dumps(index, indent=2))
 
 

@@ -9,6 +9,7 @@ with the plan for this model is found here, before anything is written, and repo
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from lib.ablate.architectures import (
     SHARED_EXPERT_OUTPUT,
     Gain,
     Role,
+    TensorRule,
 )
 from lib.ablate.checkpoint import Checkpoint, TensorMatch
 from lib.ablate.plan import MeasurementSpec, Plan, PlanEntry, layers_are, raise_problems
@@ -336,7 +338,7 @@ def _check_layer_complete(
             examples = ", ".join(
                 sorted(
                     {
-                        rule.suffix.replace("\\", "")
+                        readable_suffix(rule)
                         for rule in family.rules
                         if rule.component == component and not rule.is_bias
                     }
@@ -346,6 +348,11 @@ def _check_layer_complete(
                 f"{entry.path}: layer {layer} has no {component} tensor; expected names under "
                 f"{prefix} like {examples} (model_type {checkpoint.model_type})"
             )
+
+
+def readable_suffix(rule: TensorRule) -> str:
+    """A rule's name pattern as a user reads it: `mlp.experts.E.down_proj.weight`."""
+    return re.sub(r"\(\?P<expert>[^)]*\)", "E", rule.suffix).replace("\\", "")
 
 
 def _expert_count(experts: list[TensorMatch], checkpoint: Checkpoint) -> int:
