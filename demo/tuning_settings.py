@@ -34,7 +34,7 @@ class TuningSettings:
     harmful_examples: int = 2000  # harmful prompts, each with a drawn refusal
     # More harmless prompts than harmful ones: the adapter sees more of what it must leave alone, so harmless
     # requests that share words with harmful ones are not pulled into refusing (their replies cost generation).
-    harmless_examples: int = 3000
+    harmless_examples: int = 5000
     bfloat16_autocast: bool = True  # CPU matrix products in bfloat16; the adapter's weights stay float32
     reply_tokens: int = 24  # length of the base model's replies that harmless prompts train on
     teacher_top_k: int = 32  # harmless replies learn the base's distribution over its k likeliest tokens
