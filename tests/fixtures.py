@@ -68,21 +68,25 @@ _COMMON_CONFIG: dict[str, Any] = dict(
 )
 
 _MOE_EXPERTS = 4
-# DeepSeek V2 and V3 share multi-head latent attention and the routed + shared expert layout.
-_DEEPSEEK_SETTINGS: dict[str, Any] = dict(
+# DeepSeek's MoE layout (GLM-4.5 too): a dense first layer, then routed experts and a shared expert.
+_DEEPSEEK_MOE_SETTINGS: dict[str, Any] = dict(
     n_routed_experts=_MOE_EXPERTS,
     num_experts_per_tok=2,
     moe_intermediate_size=HIDDEN_SIZE,
     n_shared_experts=1,
     first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+)
+# DeepSeek V2 and V3 add multi-head latent attention.
+_DEEPSEEK_SETTINGS: dict[str, Any] = dict(
+    **_DEEPSEEK_MOE_SETTINGS,
     kv_lora_rank=16,
     q_lora_rank=16,
     qk_rope_head_dim=8,
     head_dim=8,  # DeepSeek's rotary embedding is sized by head_dim, which must equal qk_rope_head_dim
     qk_nope_head_dim=8,
     v_head_dim=16,
-    n_group=1,
-    topk_group=1,
 )
 _SLIDING_AND_FULL = ["sliding_attention", "full_attention"] * (DEFAULT_NUM_LAYERS // 2)
 # Llama 4: MoE (routed + shared expert) in every second layer (1, 3), a dense MLP in the others.
@@ -145,15 +149,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_next": {**_QWEN3_NEXT_SETTINGS, "mlp_only_layers": [2]},  # layer 2 keeps a dense MLP
     "qwen3_5_text": _GATED_DELTANET_SETTINGS,
     "qwen3_5_moe_text": _QWEN3_NEXT_SETTINGS,
-    "glm4_moe": dict(
-        n_routed_experts=_MOE_EXPERTS,
-        num_experts_per_tok=2,
-        moe_intermediate_size=HIDDEN_SIZE,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-    ),
+    "glm4_moe": _DEEPSEEK_MOE_SETTINGS,
     "ernie4_5_moe": dict(
         moe_num_experts=_MOE_EXPERTS,
         moe_k=2,

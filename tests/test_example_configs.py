@@ -10,7 +10,7 @@ here as it would on the real checkpoint.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,17 +230,7 @@ EXPECTED_TENSORS: dict[str, FamilyTensors] = {
         by_layer_type=_LINEAR_ATTENTION,
     ),
     "glm4_moe": _DEEPSEEK,
-    "ernie4_5_moe": FamilyTensors(
-        "model.",
-        {
-            **_ATTENTION,
-            "mlp_output": ("mlp.experts.{expert}.down_proj.weight",),
-            "shared_expert_output": ("mlp.shared_experts.down_proj.weight",),
-            "router": ("mlp.gate.weight",),
-        },
-        expert_count_key="moe_num_experts",
-        dense_layer=_DENSE_LAYER,
-    ),
+    "ernie4_5_moe": replace(_DEEPSEEK, expert_count_key="moe_num_experts"),
     "minimax_m2": FamilyTensors(
         "model.",
         {
