@@ -22,41 +22,16 @@ from tests.ablate_helpers import (
     run_ablate,
     write_plan,
 )
-from tests.fixtures import DEFAULT_NUM_LAYERS, HIDDEN_SIZE
+from tests.fixtures import (
+    DEFAULT_NUM_LAYERS,
+    HIDDEN_SIZE,
+    MXFP4_EXPERT_TENSORS,
+    PREQUANTIZED_FORMATS,
+    quantize_mxfp4,
+)
 from tests.measurement_files import write_measurements
 
-FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-GROUP = 32
-# The original release's quantization_config.
-QUANTIZATION_CONFIG = {
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-}
-PACKED = ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
 EDITED_LAYERS = {1: 2, 3: 0}
-
-
-def pack_mxfp4(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BF16-layout [experts, a, b] -> original-checkpoint blocks [experts, b, a/32, 16] and scales [experts, b, a/32].
-
-    The inverse orientation of the loader: it dequantises to [experts, b, a] and swaps the last two axes.
-    """
-    values = weights.float().transpose(1, 2)  # [experts, rows, columns]
-    experts, rows, columns = values.shape
-    groups = values.reshape(experts, rows, columns // GROUP, GROUP)
-    largest = groups.abs().amax(dim=-1).clamp_min(1e-30)
-    exponents = torch.ceil(torch.log2(largest / 6.0)).clamp(-127, 127)
-    scaled = groups / torch.ldexp(torch.ones_like(exponents), exponents.int()).unsqueeze(-1)
-    codes = (scaled.abs().unsqueeze(-1) - FP4_MAGNITUDES).abs().argmin(dim=-1)
-    codes = codes + 8 * ((scaled < 0) & (codes > 0))  # sign bit; -0 is stored as +0
-    codes = codes.to(torch.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exponents + mxfp4.SCALE_BIAS).to(torch.uint8).contiguous()
 
 
 def build_mxfp4_checkpoint(bf16_directory: Path, directory: Path) -> Path:
@@ -68,15 +43,15 @@ def build_mxfp4_checkpoint(bf16_directory: Path, directory: Path) -> Path:
         with safe_open(directory / shard, framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
             metadata = handle.metadata()
-        for name in [name for name in tensors if name.endswith(PACKED)]:
-            blocks, scales = pack_mxfp4(tensors.pop(name))
+        for name in [name for name in tensors if name.endswith(MXFP4_EXPERT_TENSORS)]:
+            blocks, scales = quantize_mxfp4(tensors.pop(name))
             tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
             del index["weight_map"][name]
             index["weight_map"][f"{name}_blocks"] = index["weight_map"][f"{name}_scales"] = shard
         save_file(tensors, directory / shard, metadata=metadata)
     index_path.write_text(json.dumps(index, indent=2))
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = QUANTIZATION_CONFIG
+    config["quantization_config"] = PREQUANTIZED_FORMATS["mxfp4"][1]  # the original release's
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
